@@ -1,0 +1,96 @@
+"""Typed configuration of a bootstrap round. Defaults follow Wang et al. (2022), arXiv:2212.10560, section 2."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Section 2.3 of the paper: instructions mentioning these are filtered out because a language model
+# cannot process them.
+DEFAULT_BLACKLIST: tuple[str, ...] = (
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+)
+
+
+class SamplingParams(BaseModel):
+    """Decoding parameters sent with a completions request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(default=0.5, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(default=1024, ge=1, le=32768, description="Maximum new tokens per completion.")
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty.")
+    presence_penalty: float = Field(default=2.0, ge=-2.0, le=2.0, description="OpenAI presence penalty.")
+    stop: tuple[str, ...] = Field(default=(), max_length=8, description="Stop sequences.")
+
+
+class BootstrapConfig(BaseModel):
+    """Every knob of one bootstrap round. Rendered by the Prefect UI as the flow's parameter form."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts_per_round: int = Field(default=16, ge=1, le=100_000, description="Instruction-generation prompts.")
+    num_in_context: int = Field(default=8, ge=1, le=32, description="In-context instructions per prompt.")
+    num_machine_in_context: int = Field(
+        default=2, ge=0, le=32, description="How many of those come from machine-generated instructions."
+    )
+    rouge_threshold: float = Field(
+        default=0.7, gt=0.0, le=1.0, description="Reject when max ROUGE-L F against the pool is above this."
+    )
+    min_words: int = Field(default=3, ge=0, description="Keep instructions with MORE than this many words.")
+    max_words: int = Field(default=150, ge=1, description="Keep instructions with at most this many words.")
+    blacklist: tuple[str, ...] = Field(default=DEFAULT_BLACKLIST, description="Whole-word keywords to reject.")
+    instruction_sampling: SamplingParams = Field(
+        default=SamplingParams(
+            temperature=0.7,
+            top_p=0.5,
+            max_tokens=1024,
+            presence_penalty=2.0,
+            stop=("\n\n", "\n16", "16.", "16 ."),
+        ),
+        description="Decoding for new instructions (the paper's values).",
+    )
+    classify_sampling: SamplingParams = Field(
+        default=SamplingParams(temperature=0.0, top_p=1.0, max_tokens=3, presence_penalty=0.0, stop=("\n",)),
+        description="Greedy decoding for the is-classification question.",
+    )
+    instance_sampling: SamplingParams = Field(
+        default=SamplingParams(
+            temperature=0.0, top_p=1.0, max_tokens=300, presence_penalty=1.5, stop=("Example 6", "Task:")
+        ),
+        description="Decoding for instance generation.",
+    )
+    max_instances: int = Field(default=5, ge=1, le=20, description="Instances kept per instruction at most.")
+    max_field_chars: int = Field(default=2000, ge=10, description="Longer instance inputs/outputs are rejected.")
+    seed: int = Field(default=42, description="Base seed; each round's sampling is seeded from (seed, round).")
+    dedup_lineage: bool = Field(default=True, description="Record top-k similar pool instructions per candidate.")
+    dedup_top_k: int = Field(default=10, ge=1, le=100, description="How many similar instructions to record.")
+    tokenizer: Literal["rouge", "multilingual"] = Field(
+        default="rouge", description="ROUGE-L tokenizer: rouge-score's own, or one that keeps non-ASCII words."
+    )
+    model: str | None = Field(default=None, description="Model name on the server; None = Settings.model.")
+
+
+class RoundParams(BaseModel):
+    """Parameters of the bootstrap-round flow. Credentials never go here: they come from Settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_url: str | None = Field(default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data.")
+    seeds_path: str | None = Field(default=None, description="Seed JSONL file; None = the seeds we ship.")
+    llm_urls: list[str] = Field(
+        default_factory=list, description="OpenAI-compatible base URLs; empty = Settings, else the embedded server."
+    )
+    config: BootstrapConfig = Field(default_factory=BootstrapConfig, description="The round's knobs.")

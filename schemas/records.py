@@ -1,0 +1,114 @@
+"""Records a round writes: one model per Parquet row, plus the round manifest."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.config import BootstrapConfig, SamplingParams
+
+Stage = Literal["instruction", "dedup", "classify", "instance"]
+
+
+class CompletionRecord(BaseModel):
+    """One prompt and what the server returned for it; a row of requests.parquet and of the completion cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str = Field(description="sha256 of (model, prompt, sampling params, seed): the cache key.")
+    stage: Stage = Field(description="Which step of the round asked for it.")
+    request_id: str = Field(description="Id of the HTTP request that carried this prompt.")
+    prompt: str
+    text: str = Field(description="Raw completion text.")
+    finish_reason: str | None = Field(description="'stop' or 'length' as the server reported it.")
+    prompt_tokens: int = Field(ge=0, description="Prompt tokens of the whole HTTP request (shared by its prompts).")
+    completion_tokens: int = Field(ge=0, description="Completion tokens of this prompt, or of the request.")
+    latency_s: float = Field(ge=0.0, description="Wall time of the HTTP request that carried this prompt.")
+    model: str
+    base_url: str = Field(description="Server that answered, credentials removed.")
+    seed: int | None = None
+
+
+class SimilarInstruction(BaseModel):
+    """A pool instruction close to an accepted one, with its ROUGE-L F."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    instruction: str
+    score: float
+
+
+class InstructionRecord(BaseModel):
+    """An accepted machine-generated instruction with its lineage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Stable id: r{round:05d}-{n:05d}.")
+    round: int = Field(ge=1)
+    instruction: str
+    request_key: str = Field(description="Cache key of the completion it was parsed from.")
+    prompt_index: int = Field(ge=0, description="Which instruction-generation prompt of the round produced it.")
+    in_context_ids: list[str] = Field(description="Pool ids shown in the prompt, in order.")
+    model: str
+    sampling: SamplingParams = Field(description="Decoding parameters of the generating request.")
+    max_rouge: float = Field(description="Highest ROUGE-L F against the pool at acceptance.")
+    most_similar: list[SimilarInstruction] = Field(description="Top-k most similar pool instructions.")
+    avg_similarity: float | None = Field(description="Mean ROUGE-L F against the whole pool.")
+    is_classification: bool | None = Field(default=None, description="None until classified.")
+    classification_raw: str | None = Field(default=None, description="The model's raw yes/no answer.")
+
+
+class InstanceRecord(BaseModel):
+    """One input/output pair generated for an accepted instruction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instruction_id: str
+    round: int = Field(ge=1)
+    index: int = Field(ge=0, description="Position among the instruction's instances.")
+    input: str
+    output: str
+    request_key: str
+
+
+class RejectionRecord(BaseModel):
+    """A candidate instruction or instance that did not make it, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=1)
+    stage: Stage
+    reason: str = Field(description="Stable reason string, e.g. too_short, blacklist:image, rouge_l>0.7.")
+    text: str = Field(description="The rejected instruction (or the instance's instruction).")
+    instance_input: str | None = None
+    instance_output: str | None = None
+    request_key: str | None = None
+    max_rouge: float | None = Field(default=None, description="For ROUGE rejections: the max F.")
+    most_similar_instruction: str | None = Field(default=None, description="For ROUGE rejections.")
+
+
+class FileEntry(BaseModel):
+    """A data file of a committed round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rows: int = Field(ge=0)
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class RoundManifest(BaseModel):
+    """Written last: a round exists exactly when its manifest does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round: int = Field(ge=1)
+    run_id: str
+    created_at: datetime
+    model: str
+    seeds_sha256: str = Field(description="Checksum of the seed file the pool started from.")
+    pool_size_before: int = Field(ge=0)
+    counts: dict[str, int] = Field(description="generated, kept, instances, rejected:<reason>, ...")
+    config: BootstrapConfig
+    files: dict[str, FileEntry]

@@ -1,0 +1,32 @@
+"""Infrastructure settings, read from SELFINSTRUCT_* environment variables when constructed."""
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the store and the LLM servers are, and the credentials to reach them."""
+
+    model_config = SettingsConfigDict(env_prefix="SELFINSTRUCT_", extra="forbid")
+
+    store_url: str = Field(default="./data", description="Store root: a local folder or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto...).")
+    s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id.")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret access key.")
+    llm_url: str | None = Field(
+        default=None,
+        description="Comma-separated OpenAI-compatible base URLs (…/v1); None starts the embedded server.",
+    )
+    model: str = Field(default="smollm2-135m-instruct", description="Model name sent to the server.")
+    api_key: SecretStr | None = Field(default=None, description="Bearer token for the LLM servers.")
+    llm_batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per /v1/completions request.")
+    llm_concurrency: int = Field(default=4, ge=1, le=1024, description="HTTP requests in flight at most.")
+    llm_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one HTTP request.")
+    llm_max_retries: int = Field(default=5, ge=0, le=50, description="Retries on 429/5xx/timeouts.")
+    dask_address: str | None = Field(default=None, description="Dask scheduler for sharded ROUGE-L scoring.")
+
+    def llm_urls(self) -> list[str]:
+        """The configured base URLs, or an empty list when the embedded server should be used."""
+        if not self.llm_url:
+            return []
+        return [u.strip().rstrip("/") for u in self.llm_url.split(",") if u.strip()]

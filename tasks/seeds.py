@@ -1,0 +1,88 @@
+"""Loading seed tasks from a Self-Instruct seed JSONL file, ours or a user's."""
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from schemas import SeedTask
+
+DEFAULT_SEEDS = Path(__file__).resolve().parent.parent / "seeds" / "seed_tasks.jsonl"
+
+
+class SeedFileError(ValueError):
+    """A seed file that cannot be used; the message names the file, line and field."""
+
+
+def _field_of(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "<record>"
+    return f"field '{location}': {first['msg']}"
+
+
+def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
+    """Parse seed tasks from JSONL lines.
+
+    Args:
+        lines: The file's lines; blank lines are skipped.
+        source: The file name used in error messages.
+
+    Returns:
+        The tasks in file order.
+
+    Raises:
+        SeedFileError: On bad JSON, a schema violation, a duplicate id or instruction, or no tasks at all.
+    """
+    tasks: list[SeedTask] = []
+    seen_ids: dict[str, int] = {}
+    seen_instructions: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SeedFileError(f"{source}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+        try:
+            task = SeedTask.model_validate(raw)
+        except ValidationError as error:
+            raise SeedFileError(f"{source}:{number}: {_field_of(error)}") from None
+        if task.id in seen_ids:
+            raise SeedFileError(f"{source}:{number}: field 'id': duplicate of line {seen_ids[task.id]}")
+        key = task.instruction.strip().lower()
+        if key in seen_instructions:
+            raise SeedFileError(
+                f"{source}:{number}: field 'instruction': duplicate of line {seen_instructions[key]}"
+            )
+        seen_ids[task.id] = number
+        seen_instructions[key] = number
+        tasks.append(task)
+    if not tasks:
+        raise SeedFileError(f"{source}: no seed tasks")
+    return tasks
+
+
+def load_seeds(path: Path | None = None) -> tuple[list[SeedTask], str]:
+    """Read and validate a seed file.
+
+    Args:
+        path: A JSONL file in the Self-Instruct seed schema; None means the seeds this project ships.
+
+    Returns:
+        The tasks and the sha256 of the file's bytes (recorded in round manifests).
+
+    Raises:
+        SeedFileError: When the file is missing, not UTF-8, or any line is invalid.
+    """
+    path = path or DEFAULT_SEEDS
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise SeedFileError(f"{path}: cannot read ({error.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise SeedFileError(f"{path}:{line}: not UTF-8 text") from None
+    return parse_seed_lines(text.splitlines(), str(path)), hashlib.sha256(data).hexdigest()

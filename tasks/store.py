@@ -1,0 +1,400 @@
+"""The round store: the only module that talks to fsspec/s3fs.
+
+Layout under the root URL (a local folder or s3://bucket/prefix):
+
+    rounds/round=00007/claim-0001.json        exclusive claim of the round (create-if-absent)
+    rounds/round=00007/completions/*.parquet  completion cache, written as each HTTP batch returns
+    rounds/round=00007/instructions.parquet   accepted instructions with lineage
+    rounds/round=00007/instances.parquet
+    rounds/round=00007/rejected.parquet
+    rounds/round=00007/requests.parquet
+    rounds/round=00007/pool_index.parquet     token ids of the round's instructions (ROUGE-L index)
+    rounds/round=00007/pool_vocab.parquet     vocabulary entries the round added
+    rounds/round=00007/manifest.json          written last, create-if-absent: the round exists from here on
+
+Readers only look at rounds that have a manifest.
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from schemas import CompletionRecord, FileEntry, RoundManifest, Settings
+
+MANIFEST = "manifest.json"
+MAX_ROUND = 99_999
+
+SIMILAR = pa.struct([("id", pa.string()), ("instruction", pa.string()), ("score", pa.float64())])
+
+ARROW_SCHEMAS: dict[str, pa.Schema] = {
+    "instructions": pa.schema(
+        [
+            ("id", pa.string()),
+            ("round", pa.int32()),
+            ("instruction", pa.string()),
+            ("request_key", pa.string()),
+            ("prompt_index", pa.int32()),
+            ("in_context_ids", pa.list_(pa.string())),
+            ("model", pa.string()),
+            ("sampling", pa.string()),  # JSON of SamplingParams
+            ("max_rouge", pa.float64()),
+            ("most_similar", pa.list_(SIMILAR)),
+            ("avg_similarity", pa.float64()),
+            ("is_classification", pa.bool_()),
+            ("classification_raw", pa.string()),
+        ]
+    ),
+    "instances": pa.schema(
+        [
+            ("instruction_id", pa.string()),
+            ("round", pa.int32()),
+            ("index", pa.int32()),
+            ("input", pa.string()),
+            ("output", pa.string()),
+            ("request_key", pa.string()),
+        ]
+    ),
+    "rejected": pa.schema(
+        [
+            ("round", pa.int32()),
+            ("stage", pa.string()),
+            ("reason", pa.string()),
+            ("text", pa.string()),
+            ("instance_input", pa.string()),
+            ("instance_output", pa.string()),
+            ("request_key", pa.string()),
+            ("max_rouge", pa.float64()),
+            ("most_similar_instruction", pa.string()),
+        ]
+    ),
+    "requests": pa.schema(
+        [
+            ("key", pa.string()),
+            ("stage", pa.string()),
+            ("request_id", pa.string()),
+            ("prompt", pa.string()),
+            ("text", pa.string()),
+            ("finish_reason", pa.string()),
+            ("prompt_tokens", pa.int64()),
+            ("completion_tokens", pa.int64()),
+            ("latency_s", pa.float64()),
+            ("model", pa.string()),
+            ("base_url", pa.string()),
+            ("seed", pa.int64()),
+        ]
+    ),
+}
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked; the message says why, without credentials."""
+
+
+class RoundClaimedError(StoreError):
+    """Another live run holds the round this run would write."""
+
+
+def redact_url(url: str) -> str:
+    """Return `url` with any user:password@ part replaced, for showing in logs and messages."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _open_filesystem(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Map a store URL to a filesystem and the root path inside it."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file") or re.fullmatch(r"[a-z]", scheme):  # a Windows drive letter is not a scheme
+        path = parts.path if scheme == "file" else url
+        return fsspec.filesystem("file"), str(Path(path).expanduser().resolve())
+    if scheme == "s3":
+        if parts.username or parts.password:
+            raise StoreError(f"store URL {redact_url(url)}: put S3 credentials in settings, not in the URL")
+        bucket = parts.netloc
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+            raise StoreError(f"store URL {url}: '{bucket}' is not a valid S3 bucket name")
+        options: dict[str, Any] = {}
+        if settings.s3_endpoint_url:
+            options["client_kwargs"] = {"endpoint_url": settings.s3_endpoint_url}
+        if settings.s3_access_key_id and settings.s3_secret_access_key:
+            options["key"] = settings.s3_access_key_id.get_secret_value()
+            options["secret"] = settings.s3_secret_access_key.get_secret_value()
+        # Only the store ever writes here; s3fs's listing cache would hide other writers' rounds.
+        options["use_listings_cache"] = False
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+        return fs, f"{bucket}{parts.path.rstrip('/')}"
+    raise StoreError(f"store URL {redact_url(url)}: unsupported scheme '{scheme}' (use a folder or s3://)")
+
+
+def _check_round(number: int) -> int:
+    if not isinstance(number, int) or isinstance(number, bool) or not 1 <= number <= MAX_ROUND:
+        raise StoreError(f"round must be an integer from 1 to {MAX_ROUND}, got {number!r}")
+    return number
+
+
+def _to_row(record: BaseModel, schema: pa.Schema) -> dict[str, Any]:
+    """A record as a dict for Arrow: nested models stored in string columns become JSON."""
+    row = record.model_dump(mode="json")
+    for field in schema:
+        value = row.get(field.name)
+        if pa.types.is_string(field.type) and isinstance(value, dict | list):
+            row[field.name] = json.dumps(value, sort_keys=True)
+    return row
+
+
+def records_to_table(records: Sequence[BaseModel], name: str) -> pa.Table:
+    """Build the Arrow table of a round file from its records, with the file's explicit schema."""
+    schema = ARROW_SCHEMAS[name]
+    return pa.Table.from_pylist([_to_row(r, schema) for r in records], schema=schema)
+
+
+class Store:
+    """Rounds of one bootstrap run, under one root URL."""
+
+    def __init__(self, url: str, settings: Settings | None = None) -> None:
+        self.url = url
+        self.settings = settings or Settings(store_url=url)
+        self.fs, self.root = _open_filesystem(url, self.settings)
+
+    def __repr__(self) -> str:
+        return f"Store({redact_url(self.url)!r})"
+
+    # -- paths -----------------------------------------------------------------------------------
+    def round_dir(self, number: int) -> str:
+        """Folder of round `number` (validated, so no input can point outside the root)."""
+        return f"{self.root}/rounds/round={_check_round(number):05d}"
+
+    def _path(self, number: int, name: str) -> str:
+        if not re.fullmatch(r"[a-z_]+(\.[a-z]+)?|claim-\d{4}\.json|completions/[0-9a-f\-]+\.parquet", name):
+            raise StoreError(f"invalid store file name {name!r}")
+        return f"{self.round_dir(number)}/{name}"
+
+    def location(self, number: int) -> str:
+        """Human-readable location of a round, for summaries."""
+        prefix = "s3://" if self.fs.protocol in ("s3", ("s3", "s3a")) else ""
+        return prefix + self.round_dir(number)
+
+    # -- reading committed rounds ----------------------------------------------------------------
+    def _round_numbers_on_disk(self) -> list[int]:
+        base = f"{self.root}/rounds"
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        numbers = []
+        for entry in entries:
+            match = re.search(r"round=(\d{5})$", entry.rstrip("/"))
+            if match:
+                numbers.append(int(match.group(1)))
+        return sorted(numbers)
+
+    def committed_rounds(self) -> list[int]:
+        """Rounds whose manifest exists, ascending."""
+        return [n for n in self._round_numbers_on_disk() if self.fs.exists(self._path(n, MANIFEST))]
+
+    def uncommitted_rounds(self) -> list[int]:
+        """Round folders with no manifest: crashed or in-progress runs, invisible to readers."""
+        committed = set(self.committed_rounds())
+        return [n for n in self._round_numbers_on_disk() if n not in committed]
+
+    def read_manifest(self, number: int) -> RoundManifest:
+        """The manifest of a committed round."""
+        with self.fs.open(self._path(number, MANIFEST), "rb") as handle:
+            return RoundManifest.model_validate_json(handle.read())
+
+    def read_table(self, number: int, name: str) -> pa.Table:
+        """One Parquet file of a committed round."""
+        if not self.fs.exists(self._path(number, MANIFEST)):
+            raise StoreError(f"round {number} is not committed")
+        with self.fs.open(self._path(number, f"{name}.parquet"), "rb") as handle:
+            return pq.read_table(handle)
+
+    def read_committed(self, name: str, rounds: Iterable[int] | None = None) -> pa.Table:
+        """A file concatenated over committed rounds (all of them by default), in round order."""
+        wanted = self.committed_rounds() if rounds is None else sorted(set(rounds))
+        tables = [self.read_table(n, name) for n in wanted]
+        if not tables:
+            return ARROW_SCHEMAS[name].empty_table() if name in ARROW_SCHEMAS else pa.table({})
+        return pa.concat_tables(tables, promote_options="default")
+
+    # -- claiming and committing -----------------------------------------------------------------
+    def _claims(self, number: int) -> list[str]:
+        try:
+            names = self.fs.ls(self.round_dir(number), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if re.search(r"/claim-\d{4}\.json$", n))
+
+    def _exclusive_write(self, path: str, data: bytes) -> bool:
+        """Create `path` only if absent; False when it already existed."""
+        if self.fs.protocol == "file" or "file" in self.fs.protocol:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with self.fs.open(path, "xb") as handle:
+                handle.write(data)
+        except FileExistsError:
+            return False
+        return True
+
+    @staticmethod
+    def _claim_is_stale(claim: dict[str, Any], ttl_s: float) -> bool:
+        if claim.get("host") == socket.gethostname():
+            try:
+                os.kill(int(claim["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, KeyError, ValueError):
+                pass
+        claimed_at = datetime.fromisoformat(claim["claimed_at"])
+        return (datetime.now(UTC) - claimed_at).total_seconds() > ttl_s
+
+    def claim_next_round(self, run_id: str, ttl_s: float = 12 * 3600) -> int:
+        """Claim the round after the last committed one for this run.
+
+        A claim left by a run that died (its process is gone on this host, or it is older than `ttl_s`)
+        is taken over, so a crashed round is redone under the same number and reuses its cached
+        completions. The claim is a create-if-absent write, so of two runs only one can hold a round.
+
+        Returns:
+            The round number now held by `run_id`.
+
+        Raises:
+            RoundClaimedError: When a live run holds the next round.
+        """
+        committed = self.committed_rounds()
+        number = _check_round((committed[-1] if committed else 0) + 1)
+        claims = self._claims(number)
+        if claims:
+            with self.fs.open(claims[-1], "rb") as handle:
+                current = json.loads(handle.read())
+            if current.get("run_id") != run_id and not self._claim_is_stale(current, ttl_s):
+                raise RoundClaimedError(
+                    f"round {number} of store {redact_url(self.url)} is being written by run "
+                    f"{current.get('run_id')} (pid {current.get('pid')} on {current.get('host')}, since "
+                    f"{current.get('claimed_at')}); wait for it to finish"
+                )
+        attempt = len(claims) + 1
+        claim = {
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "claimed_at": datetime.now(UTC).isoformat(),
+            "attempt": attempt,
+        }
+        if not self._exclusive_write(self._path(number, f"claim-{attempt:04d}.json"), json.dumps(claim).encode()):
+            raise RoundClaimedError(f"round {number} of store {redact_url(self.url)} was just claimed by another run")
+        return number
+
+    def holds_claim(self, number: int, run_id: str) -> bool:
+        """True when the newest claim of round `number` is `run_id`'s."""
+        claims = self._claims(number)
+        if not claims:
+            return False
+        with self.fs.open(claims[-1], "rb") as handle:
+            return bool(json.loads(handle.read()).get("run_id") == run_id)
+
+    def write_table(self, number: int, name: str, table: pa.Table) -> FileEntry:
+        """Write one Parquet file of an uncommitted round and return its manifest entry."""
+        if self.fs.exists(self._path(number, MANIFEST)):
+            raise StoreError(f"round {number} is committed and immutable")
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        data = buffer.getvalue()
+        self.fs.makedirs(self.round_dir(number), exist_ok=True)
+        with self.fs.open(self._path(number, f"{name}.parquet"), "wb") as handle:
+            handle.write(data)
+        return FileEntry(rows=table.num_rows, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+    def commit(self, manifest: RoundManifest) -> None:
+        """Write the manifest last, create-if-absent: from here on the round exists and never changes.
+
+        Raises:
+            StoreError: When the round is already committed or the run no longer holds its claim.
+        """
+        if not self.holds_claim(manifest.round, manifest.run_id):
+            raise RoundClaimedError(f"run {manifest.run_id} no longer holds round {manifest.round}; not committing")
+        data = manifest.model_dump_json(indent=2).encode()
+        if not self._exclusive_write(self._path(manifest.round, MANIFEST), data):
+            raise StoreError(f"round {manifest.round} was already committed; nothing written")
+
+    def file_checksum(self, number: int, name: str) -> str:
+        """sha256 of a stored file, for verification."""
+        with self.fs.open(self._path(number, name), "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+
+    def write_bytes(self, number: int, name: str, data: bytes) -> str:
+        """Write a non-Parquet file (an HTML report) into a round's folder; returns its location."""
+        path = self._path(number, name)
+        with self.fs.open(path, "wb") as handle:
+            handle.write(data)
+        return path
+
+
+class StoreCompletionCache:
+    """Completions of one round, persisted in the store as each HTTP batch returns.
+
+    Implements the `CompletionCache` protocol of `tasks.llm`.
+    """
+
+    def __init__(self, store: Store, number: int) -> None:
+        self.store = store
+        self.number = number
+        self._folder = f"{store.round_dir(number)}/completions"
+        self._loaded: dict[str, CompletionRecord] | None = None
+
+    def _load(self) -> dict[str, CompletionRecord]:
+        if self._loaded is None:
+            self._loaded = {}
+            try:
+                paths = sorted(self.store.fs.ls(self._folder, detail=False))
+            except FileNotFoundError:
+                paths = []
+            for path in paths:
+                if not path.endswith(".parquet"):
+                    continue
+                with self.store.fs.open(path, "rb") as handle:
+                    for row in pq.read_table(handle).to_pylist():
+                        self._loaded[row["key"]] = CompletionRecord.model_validate(row)
+        return self._loaded
+
+    def get_many(self, keys: list[str]) -> dict[str, CompletionRecord]:
+        """The cached completions among `keys`."""
+        loaded = self._load()
+        return {key: loaded[key] for key in keys if key in loaded}
+
+    def put_many(self, records: list[CompletionRecord]) -> None:
+        """Persist one batch of completions as its own Parquet part."""
+        if not records:
+            return
+        table = records_to_table(records, "requests")
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.store.fs.makedirs(self._folder, exist_ok=True)
+        with self.store.fs.open(f"{self._folder}/{uuid.uuid4()}.parquet", "wb") as handle:
+            handle.write(buffer.getvalue())
+        loaded = self._load()
+        for record in records:
+            loaded[record.key] = record
+
+    def all_records(self) -> list[CompletionRecord]:
+        """Every completion cached for the round (for requests.parquet)."""
+        return list(self._load().values())
