@@ -94,3 +94,8 @@ class RoundParams(BaseModel):
         default_factory=list, description="OpenAI-compatible base URLs; empty = Settings, else the embedded server."
     )
     config: BootstrapConfig = Field(default_factory=BootstrapConfig, description="The round's knobs.")
+    data_ready_threshold: int = Field(
+        default=0,
+        ge=0,
+        description="Emit selfinstruct.data.ready once this many new instances exist since the last fine-tune; 0 = off.",
+    )

@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from schemas import CompletionRecord, FileEntry, RoundManifest, Settings
 
 MANIFEST = "manifest.json"
+ARTIFACT_AREAS = ("finetunes", "evaluations", "reports", "state")
 MAX_ROUND = 99_999
 
 SIMILAR = pa.struct([("id", pa.string()), ("instruction", pa.string()), ("score", pa.float64())])
@@ -347,6 +348,62 @@ class Store:
         with self.fs.open(path, "wb") as handle:
             handle.write(data)
         return path
+
+
+    # -- other artifacts (fine-tunes, evaluations, reports) --------------------------------------
+    def _artifact_path(self, relative: str) -> str:
+        """Absolute path of `relative` under the root; only plain names below finetunes/, evaluations/, reports/."""
+        parts = relative.strip("/").split("/")
+        if parts[0] not in ARTIFACT_AREAS or any(not re.fullmatch(r"[A-Za-z0-9_.=\-]+", p) or p in (".", "..") for p in parts):
+            raise StoreError(f"invalid store path {relative!r}")
+        return f"{self.root}/{'/'.join(parts)}"
+
+    def put_bytes(self, relative: str, data: bytes) -> str:
+        """Write bytes at `relative` (e.g. finetunes/<id>/manifest.json); returns the full location."""
+        path = self._artifact_path(relative)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path, "wb") as handle:
+            handle.write(data)
+        return path
+
+    def get_bytes(self, relative: str) -> bytes:
+        """Read bytes written with `put_bytes`."""
+        with self.fs.open(self._artifact_path(relative), "rb") as handle:
+            return bytes(handle.read())
+
+    def exists(self, relative: str) -> bool:
+        """True when `relative` exists in the store."""
+        return bool(self.fs.exists(self._artifact_path(relative)))
+
+    def list_names(self, relative: str) -> list[str]:
+        """Names directly under the folder `relative` (empty when it does not exist)."""
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._artifact_path(relative), detail=False))
+        except FileNotFoundError:
+            return []
+
+    def put_tree(self, local_dir: Path, relative: str) -> list[str]:
+        """Upload every file under `local_dir` to the folder `relative`; returns the relative names written."""
+        written = []
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            name = path.relative_to(local_dir).as_posix()
+            self.put_bytes(f"{relative.rstrip('/')}/{name}", path.read_bytes())
+            written.append(name)
+        return written
+
+    def get_tree(self, relative: str, local_dir: Path) -> None:
+        """Download the folder `relative` into `local_dir`."""
+        base = self._artifact_path(relative)
+        for path in self.fs.find(base):
+            target = local_dir / path[len(base) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open(path, "rb") as handle:
+                target.write_bytes(handle.read())
+
+    def location_of(self, relative: str) -> str:
+        """Human-readable location of an artifact path."""
+        prefix = "s3://" if self.fs.protocol in ("s3", ("s3", "s3a")) else ""
+        return prefix + self._artifact_path(relative)
 
 
 class StoreCompletionCache:
