@@ -178,6 +178,38 @@ def status(store: Annotated[str | None, typer.Option(help="Store root URL.")] = 
         console.print(f"[yellow]uncommitted (ignored) round folders:[/] {', '.join(map(str, pending))}")
 
 
+@app.command()
+def verify(
+    store: Annotated[str | None, typer.Option(help="Store root URL.")] = None,
+    seeds: Annotated[Path | None, typer.Option(help="Seed tasks JSONL the pool starts from.")] = None,
+    clean: Annotated[bool, typer.Option("--clean", help="Remove dangling uncommitted rounds.")] = False,
+) -> None:
+    """Check every committed round against its manifest and the pool for duplicates; non-zero exit on problems."""
+    from tasks.seeds import SeedFileError, load_seeds
+    from tasks.verify import clean_dangling, verify_store
+
+    settings = load_settings(store)
+    store_obj = open_store(settings)
+    try:
+        seed_tasks, _ = load_seeds(seeds)
+    except SeedFileError as error:
+        fail(str(error))
+    report = verify_store(store_obj, seed_tasks)
+    for problem in report.problems:
+        errors.print(f"[red]problem:[/] {problem}", highlight=False)
+    if report.dangling:
+        console.print(f"[yellow]uncommitted round folders:[/] {', '.join(map(str, report.dangling))}")
+        if clean:
+            removed = clean_dangling(store_obj, report.dangling)
+            console.print(f"removed: {', '.join(map(str, removed)) or 'none (claims still live)'}")
+    console.print(
+        f"{report.rounds_checked} committed rounds, {report.instructions} instructions checked: "
+        + ("[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problems[/]")
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     from selfinstruct.cli_llm import llm_app

@@ -305,6 +305,14 @@ class Store:
             raise RoundClaimedError(f"round {number} of store {redact_url(self.url)} was just claimed by another run")
         return number
 
+    def round_is_live(self, number: int, ttl_s: float = 12 * 3600) -> bool:
+        """True when an uncommitted round's newest claim belongs to a run that may still be writing it."""
+        claims = self._claims(number)
+        if not claims:
+            return False
+        with self.fs.open(claims[-1], "rb") as handle:
+            return not self._claim_is_stale(json.loads(handle.read()), ttl_s)
+
     def holds_claim(self, number: int, run_id: str) -> bool:
         """True when the newest claim of round `number` is `run_id`'s."""
         claims = self._claims(number)

@@ -1,0 +1,742 @@
+"""Completions from OpenAI-compatible servers: cache keys, an async client, and batched concurrent generation.
+
+Pure async code first (usable without Prefect's engine), thin Prefect wrappers at the bottom.
+
+Seeds: OpenAI-compatible servers (vLLM, llama.cpp) take ONE `seed` per HTTP request, not one per prompt, so
+`generate` groups requests by (seed, stage) and every batch carries one seed. The intended use is one seed per
+stage of a round (derived from the config's base seed and the round number), with the per-prompt variation in
+the prompt itself; per-prompt seeds work too but then every batch holds a single prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import SecretStr
+
+from schemas import CompletionRecord, SamplingParams, Settings
+
+Stage = Literal["instruction", "dedup", "classify", "instance"]
+ProgressCallback = Callable[[int, int], None]
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# Bump when the meaning of a cached completion changes (e.g. what the request body carries).
+_KEY_VERSION = 1
+# HTTP statuses worth retrying: overload, rate limits, server faults. Every other 4xx is the caller's fault.
+_RETRY_STATUSES = frozenset({408, 429})
+_MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One prompt to complete.
+
+    Attributes:
+        prompt: The full prompt text.
+        stage: Which step of the round asks for it (recorded, and batches never mix stages).
+        seed: Sampling seed sent with the HTTP request that carries this prompt.
+    """
+
+    prompt: str
+    stage: Stage
+    seed: int | None = None
+
+
+class CompletionCache(Protocol):
+    """Where finished completions are kept so that a rerun sends only what is missing."""
+
+    def get_many(self, keys: list[str]) -> dict[str, CompletionRecord]:
+        """Return the records found for `keys` (missing keys are absent from the result)."""
+        ...
+
+    def put_many(self, records: list[CompletionRecord]) -> None:
+        """Store records; called from the event loop as soon as each HTTP batch returns, so keep it quick."""
+        ...
+
+
+class LLMError(Exception):
+    """A completion request failed for good.
+
+    Attributes:
+        retryable: False when the server rejected the request itself (a 4xx such as an unknown model), so
+            retrying the same request later cannot help; True when retries were exhausted on transient faults.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class _TransientError(Exception):
+    """A failure worth retrying; `retry_after_s` comes from the server's Retry-After header when it sent one."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | None) -> str:
+    """Cache key of a completion: sha256 hex of a canonical JSON of everything that determines it.
+
+    Args:
+        model: Model name sent to the server.
+        prompt: Prompt text.
+        params: Decoding parameters.
+        seed: Sampling seed, or None.
+
+    Returns:
+        64 lowercase hex characters; equal inputs give equal keys across processes and Python versions.
+    """
+    payload = {
+        "v": _KEY_VERSION,
+        "model": model,
+        "prompt": prompt,
+        "params": params.model_dump(mode="json"),
+        "seed": seed,
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def redact_url(url: str) -> str:
+    """Return `url` without user info, query or fragment, which is where credentials hide in a URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The server's own error message: OpenAI's {"error": {"message": ...}}, FastAPI's "detail", or the body."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    message: Any = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        message = message or data.get("message") or data.get("detail")
+    if not message:
+        message = response.text.strip() or response.reason_phrase
+    return str(message)[:_MAX_ERROR_CHARS]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+def _split_evenly(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class OpenAICompletionClient:
+    """Async client for the legacy /v1/completions endpoint of one or more OpenAI-compatible servers.
+
+    One `complete` call is one HTTP request carrying a list of prompts, sent to the base URL with the fewest
+    requests in flight, and retried with exponential backoff and jitter on transient faults.
+    """
+
+    def __init__(
+        self,
+        base_urls: list[str],
+        model: str,
+        api_key: SecretStr | None = None,
+        timeout_s: float = 600,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        *,
+        max_in_flight: int | None = None,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        """Create the client; no connection is made until the first request.
+
+        Args:
+            base_urls: OpenAI-compatible base URLs ending in /v1; requests are spread over them.
+            model: Model name sent in every request.
+            api_key: Sent as `Authorization: Bearer ...`; never appears in errors or records.
+            timeout_s: Wall-clock limit of one HTTP request, including reading the whole answer.
+            max_retries: Retries after the first attempt on connection errors, timeouts, 408/429/5xx,
+                malformed JSON and missing choices.
+            backoff_s: First retry delay; doubles per retry, with jitter, capped at `max_backoff_s`.
+            max_in_flight: Cap on HTTP requests in flight across every caller sharing this client
+                (None: only the callers' own concurrency limits apply).
+            max_backoff_s: Longest wait between two attempts, also the cap on a server's Retry-After.
+        """
+        if not base_urls:
+            raise ValueError("no LLM base URL given: start the embedded server or set SELFINSTRUCT_LLM_URL")
+        self.base_urls = [u.rstrip("/") for u in base_urls]
+        self.model = model
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._in_flight = dict.fromkeys(self.base_urls, 0)
+        self._tie_break = itertools.count()
+        self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._secrets = [s for s in self._url_passwords() if s]
+        headers = {}
+        if api_key is not None and api_key.get_secret_value():
+            headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+            self._secrets.append(api_key.get_secret_value())
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
+            # The callers bound concurrency themselves; a smaller pool would become a hidden queue.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, base_urls: list[str]) -> OpenAICompletionClient:
+        """Build a client from the infrastructure settings.
+
+        Args:
+            settings: Model name, API key, timeout and retry count come from here.
+            base_urls: The servers to use (the embedded server's URL, or `settings.llm_urls()`).
+        """
+        return cls(
+            base_urls,
+            settings.model,
+            api_key=settings.api_key,
+            timeout_s=settings.llm_timeout_s,
+            max_retries=settings.llm_max_retries,
+        )
+
+    def in_flight(self) -> dict[str, int]:
+        """HTTP requests in flight per base URL (credentials removed), for progress displays and tests."""
+        return {redact_url(u): n for u, n in self._in_flight.items()}
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def complete(
+        self, prompts: list[str], params: SamplingParams, seed: int | None, stage: Stage
+    ) -> list[CompletionRecord]:
+        """Complete a list of prompts with ONE HTTP request (retried as a whole on transient faults).
+
+        Args:
+            prompts: Prompts of the request; the server's choices are matched to them by `index`.
+            params: Decoding parameters.
+            seed: Seed of the request, or None to let the server pick.
+            stage: Recorded on every returned record.
+
+        Returns:
+            One record per prompt, in prompt order.
+
+        Raises:
+            LLMError: On a 4xx other than 408/429 (with the server's message; not retried), or once
+                `max_retries` retries have failed.
+        """
+        if not prompts:
+            return []
+        body = self._body(prompts, params, seed)
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(prompts, body, params, seed, stage)
+            except _TransientError as exc:
+                if attempt >= self.max_retries:
+                    raise LLMError(
+                        self._redact(f"{len(prompts)} prompts failed after {attempt + 1} attempts: {exc}"),
+                        retryable=True,
+                    ) from None
+                delay = self._backoff(attempt, exc.retry_after_s)
+                log.warning("retrying in %.2fs (attempt %d): %s", delay, attempt + 1, self._redact(str(exc)))
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    def _body(self, prompts: list[str], params: SamplingParams, seed: int | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompts,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+            "frequency_penalty": params.frequency_penalty,
+            "presence_penalty": params.presence_penalty,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return min(retry_after_s, self.max_backoff_s)
+        # Jitter spreads the retries of many concurrent requests that failed together.
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def _pick_url(self) -> str:
+        fewest = min(self._in_flight.values())
+        idle = [u for u in self.base_urls if self._in_flight[u] == fewest]
+        # Rotating among equally loaded servers spreads the first wave, when all are at zero.
+        return idle[next(self._tie_break) % len(idle)]
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[str]:
+        async with self._limit if self._limit is not None else contextlib.nullcontext():
+            url = self._pick_url()
+            self._in_flight[url] += 1
+            try:
+                yield url
+            finally:
+                self._in_flight[url] -= 1
+
+    async def _attempt(
+        self,
+        prompts: list[str],
+        body: dict[str, Any],
+        params: SamplingParams,
+        seed: int | None,
+        stage: Stage,
+    ) -> list[CompletionRecord]:
+        async with self._slot() as url:
+            request_id = uuid.uuid4().hex
+            start = time.perf_counter()
+            data = await self._post(url, body, request_id)
+            latency = time.perf_counter() - start
+        choices = self._match_choices(data, len(prompts))
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        prompt_tokens = _as_count(usage.get("prompt_tokens"))
+        per_choice = [_as_count((c.get("usage") or {}).get("completion_tokens"), None) for c in choices]
+        if any(n is None for n in per_choice):
+            # Servers report one total per request; spread it so that the records add up to it.
+            # (llama.cpp reports the FIRST prompt's usage only for a list of prompts.)
+            per_choice = list(_split_evenly(_as_count(usage.get("completion_tokens")), len(prompts)))
+        public_url = redact_url(url)
+        return [
+            CompletionRecord(
+                key=completion_key(self.model, prompt, params, seed),
+                stage=stage,
+                request_id=request_id,
+                prompt=prompt,
+                text=choice["text"],
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=n or 0,
+                latency_s=latency,
+                model=self.model,
+                base_url=public_url,
+                seed=seed,
+            )
+            for prompt, choice, n in zip(prompts, choices, per_choice, strict=True)
+        ]
+
+    async def _post(self, url: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        try:
+            # httpx's timeout bounds each read; this bounds the whole request, for servers that dribble.
+            async with asyncio.timeout(self.timeout_s):
+                response = await self._http.post(
+                    f"{url}/completions", json=body, headers={"X-Request-Id": request_id}
+                )
+        except TimeoutError:
+            raise _TransientError(f"{redact_url(url)}: no answer within {self.timeout_s:g}s") from None
+        except httpx.RequestError as exc:
+            raise _TransientError(f"{redact_url(url)}: {type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        if status in _RETRY_STATUSES or status >= 500:
+            raise _TransientError(
+                f"{redact_url(url)} answered HTTP {status}: {_error_text(response)}", _retry_after(response)
+            )
+        if status >= 400:
+            raise LLMError(
+                self._redact(f"{redact_url(url)} rejected the request (HTTP {status}): {_error_text(response)}"),
+                retryable=False,
+            )
+        try:
+            data = response.json()
+        except ValueError:
+            raise _TransientError(
+                f"{redact_url(url)}: malformed JSON: {response.text[:100]!r}"
+            ) from None
+        if not isinstance(data, dict):
+            raise _TransientError(f"{redact_url(url)}: expected a JSON object, got {type(data).__name__}")
+        return data
+
+    @staticmethod
+    def _match_choices(data: dict[str, Any], n: int) -> list[dict[str, Any]]:
+        """Order the choices by `index`; anything missing or malformed is a transient fault."""
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise _TransientError("response has no list of choices")
+        if choices and all("index" not in c for c in choices) and len(choices) == n:
+            by_index = dict(enumerate(choices))  # a server that omits `index` answers in order
+        else:
+            by_index = {}
+            for c in choices:
+                index = c.get("index")
+                if not isinstance(index, int) or isinstance(index, bool) or index in by_index:
+                    raise _TransientError(f"choice with a bad or repeated index: {index!r}")
+                by_index[index] = c
+        missing = [i for i in range(n) if i not in by_index]
+        if missing:
+            raise _TransientError(f"{len(missing)} of {n} choices missing (first: index {missing[0]})")
+        ordered = [by_index[i] for i in range(n)]
+        if not all(isinstance(c.get("text"), str) for c in ordered):
+            raise _TransientError("choice without a text string")
+        return ordered
+
+    def _url_passwords(self) -> list[str]:
+        return [urlsplit(u).password or "" for u in self.base_urls]
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _as_count(value: Any, default: int | None = 0) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def _plan_batches(
+    requests: Sequence[CompletionRequest], batch_size: int
+) -> list[tuple[int | None, Stage, list[str]]]:
+    """Group prompts by (seed, stage) in first-seen order and cut each group into batches."""
+    groups: dict[tuple[int | None, Stage], list[str]] = {}
+    for r in requests:
+        groups.setdefault((r.seed, r.stage), []).append(r.prompt)
+    return [
+        (seed, stage, prompts[i : i + batch_size])
+        for (seed, stage), prompts in groups.items()
+        for i in range(0, len(prompts), batch_size)
+    ]
+
+
+async def generate(
+    client: OpenAICompletionClient,
+    requests: list[CompletionRequest],
+    params: SamplingParams,
+    cache: CompletionCache | None,
+    batch_size: int,
+    concurrency: int,
+    on_progress: ProgressCallback | None = None,
+) -> list[CompletionRecord]:
+    """Complete every request, sending only what the cache lacks, with a bounded number of requests in flight.
+
+    Requests with the same cache key (same prompt, seed, params and model) are sent once. Batches hold prompts
+    of one (seed, stage) group. Each batch's records are written to the cache as soon as it returns, so an
+    interrupted round resumes where it stopped.
+
+    Args:
+        client: Where to send the prompts.
+        requests: What to complete.
+        params: Decoding parameters shared by all requests.
+        cache: Looked up first, and written after every HTTP request; None disables caching.
+        batch_size: Prompts per HTTP request.
+        concurrency: HTTP requests in flight at most (for this call).
+        on_progress: Called as `(done, total)` in requests, once after the cache lookup and after each batch.
+
+    Returns:
+        One record per request, in request order, cached ones included (their `stage` is the request's).
+
+    Raises:
+        LLMError: A batch failed for good; the other batches are cancelled, finished ones stay cached.
+    """
+    if batch_size < 1 or concurrency < 1:
+        raise ValueError("batch_size and concurrency must be at least 1")
+    keys = [completion_key(client.model, r.prompt, params, r.seed) for r in requests]
+    multiplicity: dict[str, int] = {}
+    for k in keys:
+        multiplicity[k] = multiplicity.get(k, 0) + 1
+    found = cache.get_many(list(multiplicity)) if cache is not None and requests else {}
+    results: dict[str, CompletionRecord] = {k: found[k] for k in multiplicity if k in found}
+
+    todo: dict[str, CompletionRequest] = {}
+    for k, r in zip(keys, requests, strict=True):
+        if k not in results and k not in todo:
+            todo[k] = r
+    batches = deque(_plan_batches(list(todo.values()), batch_size))
+    total = len(requests)
+    done = sum(multiplicity[k] for k in results)
+    if on_progress is not None:
+        on_progress(done, total)
+
+    async def worker() -> None:
+        nonlocal done
+        while batches:
+            seed, stage, prompts = batches.popleft()
+            records = await client.complete(prompts, params, seed, stage)
+            fresh = [r for r in records if r.key not in results]
+            for r in fresh:
+                results[r.key] = r
+            if cache is not None and fresh:
+                cache.put_many(fresh)
+            done += sum(multiplicity[r.key] for r in fresh)
+            if on_progress is not None:
+                on_progress(done, total)
+
+    await _run_all([worker() for _ in range(min(concurrency, len(batches)))])
+
+    out = []
+    for k, r in zip(keys, requests, strict=True):
+        record = results[k]
+        out.append(record if record.stage == r.stage else record.model_copy(update={"stage": r.stage}))
+    return out
+
+
+async def _run_all(coros: list[Coroutine[Any, Any, None]]) -> None:
+    """Await all; on the first failure cancel the rest and raise that failure itself (not a group)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+class GenerationSession:
+    """One event loop in a background thread holding one client, shared by the chunk tasks of a round.
+
+    Sharing it lets the chunks overlap: the next chunk's batches start as soon as HTTP slots free up, so the
+    servers never idle at chunk boundaries, while the client keeps at most `llm_concurrency` requests in
+    flight in total.
+    """
+
+    def __init__(self, settings: Settings, base_urls: list[str]) -> None:
+        """Start the loop and create the client in it.
+
+        Args:
+            settings: Client settings; `llm_concurrency` becomes the client's global in-flight cap.
+            base_urls: The servers.
+        """
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="llm-session", daemon=True)
+        self._thread.start()
+
+        async def make() -> OpenAICompletionClient:
+            return OpenAICompletionClient(
+                base_urls,
+                settings.model,
+                api_key=settings.api_key,
+                timeout_s=settings.llm_timeout_s,
+                max_retries=settings.llm_max_retries,
+                max_in_flight=settings.llm_concurrency,
+            )
+
+        self.client = self.run(make())
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the session's loop and wait for its result (callable from any thread)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def cancel_all(self) -> None:
+        """Cancel everything running on the loop; the threads waiting in `run` get CancelledError."""
+
+        def cancel() -> None:
+            for t in asyncio.all_tasks(self._loop):
+                t.cancel()
+
+        self._loop.call_soon_threadsafe(cancel)
+
+    def close(self) -> None:
+        """Close the client and stop the loop thread."""
+        with contextlib.suppress(Exception):
+            self.run(self.client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> GenerationSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _retry_unless_rejected(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: a request the server rejected (4xx) fails the same way every time."""
+    error = state.data
+    return not (isinstance(error, LLMError) and not error.retryable)
+
+
+@task(
+    name="generate-chunk",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_unless_rejected,
+    # Inputs hold a cache object and an API key: never hash or persist them; the completion cache does the
+    # caching that matters.
+    cache_policy=NO_CACHE,
+)
+def generate_chunk(
+    requests: list[CompletionRequest],
+    params: SamplingParams,
+    settings: Settings,
+    base_urls: list[str],
+    cache: CompletionCache | None,
+    session: GenerationSession | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[CompletionRecord]:
+    """Prefect task: `generate` on one chunk of requests.
+
+    Args:
+        requests: The chunk.
+        params: Decoding parameters.
+        settings: Batch size, concurrency and client settings.
+        base_urls: The servers (used when no session is given).
+        cache: Completion cache, or None.
+        session: Shared loop and client of the round; None runs a private loop and client.
+        on_progress: Called as `(done, total)` for this chunk.
+
+    Returns:
+        One record per request, in order.
+    """
+    logger = get_run_logger()
+    start = time.perf_counter()
+
+    async def run(client: OpenAICompletionClient) -> list[CompletionRecord]:
+        return await generate(
+            client,
+            requests,
+            params,
+            cache,
+            settings.llm_batch_size,
+            settings.llm_concurrency,
+            on_progress,
+        )
+
+    if session is not None:
+        records = session.run(run(session.client))
+    else:
+
+        async def private() -> list[CompletionRecord]:
+            client = OpenAICompletionClient.from_settings(settings, base_urls)
+            try:
+                return await run(client)
+            finally:
+                await client.aclose()
+
+        records = asyncio.run(private())
+    logger.info("%d completions in %.1fs", len(records), time.perf_counter() - start)
+    return records
+
+
+# Chunk task runs in flight at once: two are enough for the next chunk to fill the HTTP slots that the
+# current chunk's last batches leave free.
+_CHUNKS_IN_FLIGHT = 2
+
+
+def generate_in_tasks(
+    requests: list[CompletionRequest],
+    params: SamplingParams,
+    settings: Settings,
+    base_urls: list[str],
+    cache: CompletionCache | None,
+    chunk_size: int | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[CompletionRecord]:
+    """Complete requests from inside a Prefect flow, as one `generate-chunk` task run per chunk.
+
+    The chunks share one client (one event loop thread), so at most `settings.llm_concurrency` HTTP requests
+    are in flight in total, and two chunk task runs overlap so that the servers stay busy across chunk
+    boundaries. The task runs go to a private thread-pool runner, whatever runner the flow itself uses.
+
+    Args:
+        requests: What to complete.
+        params: Decoding parameters.
+        settings: Model, API key, batch size, concurrency, timeout, retries.
+        base_urls: The servers.
+        cache: Completion cache, or None.
+        chunk_size: Requests per task run; default `llm_batch_size * llm_concurrency`, so the number of task
+            runs grows with the number of batches, not prompts.
+        on_progress: Called as `(done, total)` over all requests, from the session's thread.
+
+    Returns:
+        One record per request, in request order.
+    """
+    size = chunk_size or settings.llm_batch_size * settings.llm_concurrency
+    chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
+    if not chunks:
+        return []
+    chunk_done = [0] * len(chunks)
+
+    def progress_of(i: int) -> ProgressCallback | None:
+        if on_progress is None:
+            return None
+
+        def report(done: int, _total: int) -> None:
+            # Max, not sum: a retried task run reports its chunk from zero again.
+            chunk_done[i] = max(chunk_done[i], done)
+            on_progress(sum(chunk_done), len(requests))
+
+        return report
+
+    results: list[list[CompletionRecord]] = []
+    with (
+        GenerationSession(settings, base_urls) as session,
+        ThreadPoolTaskRunner(max_workers=_CHUNKS_IN_FLIGHT) as runner,
+    ):
+        pending: deque[Any] = deque()
+        next_chunk = 0
+        try:
+            while next_chunk < len(chunks) or pending:
+                while next_chunk < len(chunks) and len(pending) < _CHUNKS_IN_FLIGHT:
+                    parameters = {
+                        "requests": chunks[next_chunk],
+                        "params": params,
+                        "settings": settings,
+                        "base_urls": base_urls,
+                        "cache": cache,
+                        "session": session,
+                        "on_progress": progress_of(next_chunk),
+                    }
+                    pending.append(runner.submit(generate_chunk, parameters=parameters))
+                    next_chunk += 1
+                results.append(pending.popleft().result())
+        except BaseException:
+            # One chunk failed for good (or the flow is being cancelled): stop the overlapping chunk too.
+            session.cancel_all()
+            for future in pending:
+                future.wait()
+            raise
+    return [r for chunk in results for r in chunk]
+
+
+__all__ = [
+    "CompletionCache",
+    "CompletionRequest",
+    "GenerationSession",
+    "LLMError",
+    "OpenAICompletionClient",
+    "completion_key",
+    "generate",
+    "generate_chunk",
+    "generate_in_tasks",
+    "redact_url",
+]

@@ -1,0 +1,56 @@
+"""Bootstrap rounds end to end: a real Prefect server, a real LLM server on loopback, a real store."""
+
+from pathlib import Path
+
+import pytest
+
+from flows.bootstrap import bootstrap_round
+from schemas import BootstrapConfig, RoundParams, SamplingParams
+from tasks.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+def _small_config() -> BootstrapConfig:
+    """A round small enough for 2 CPU cores: few prompts, short completions."""
+    return BootstrapConfig(
+        prompts_per_round=4,
+        instruction_sampling=SamplingParams(
+            temperature=0.7, top_p=0.5, max_tokens=160, presence_penalty=2.0, stop=("\n\n", "\n16", "16.", "16 .")
+        ),
+        instance_sampling=SamplingParams(
+            temperature=0.0, top_p=1.0, max_tokens=160, presence_penalty=1.5, stop=("Example 4", "Task:")
+        ),
+        max_instances=3,
+    )
+
+
+def test_two_rounds_on_the_embedded_model(prefect_server: None, embedded_llm: str, tmp_path: Path) -> None:
+    store_url = str(tmp_path / "store")
+    params = RoundParams(store_url=store_url, llm_urls=[embedded_llm], config=_small_config())
+
+    first = bootstrap_round(params)
+    store = Store(store_url)
+    assert first["round"] == 1
+    assert store.committed_rounds() == [1]
+    manifest = store.read_manifest(1)
+    instructions = store.read_table(1, "instructions")
+    instances = store.read_table(1, "instances")
+    rejected = store.read_table(1, "rejected")
+    assert manifest.counts["kept"] == instructions.num_rows >= 1
+    assert manifest.counts["instances"] == instances.num_rows >= 1
+    assert sum(v for k, v in manifest.counts.items() if k.startswith("rejected:")) == rejected.num_rows
+    assert None not in instructions.column("is_classification").to_pylist()
+    assert all(r for r in rejected.column("reason").to_pylist())
+    for name, entry in manifest.files.items():
+        assert store.file_checksum(1, name) == entry.sha256
+    requests = store.read_table(1, "requests")
+    assert set(requests.column("stage").to_pylist()) >= {"instruction", "classify", "instance"}
+
+    second = bootstrap_round(params)
+    assert second["round"] == 2
+    manifest2 = store.read_manifest(2)
+    # Round 2 was deduplicated against the seeds plus round 1's instructions.
+    assert manifest2.pool_size_before == manifest.pool_size_before + manifest.counts["kept"]
+    index = store.read_table(2, "pool_index")
+    assert index.column("id").to_pylist() == store.read_table(2, "instructions").column("id").to_pylist()
