@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
@@ -88,7 +89,7 @@ class LLMError(Exception):
 
 
 class _TransientError(Exception):
-    """A failure worth retrying; `retry_after_s` comes from the server's Retry-After header when it sent one."""
+    """A failure worth retrying; `retry_after_s` comes from the server's Retry-After header, if any."""
 
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
@@ -129,7 +130,7 @@ def redact_url(url: str) -> str:
 
 
 def _error_text(response: httpx.Response) -> str:
-    """The server's own error message: OpenAI's {"error": {"message": ...}}, FastAPI's "detail", or the body."""
+    """The server's own error text: OpenAI's {"error": {"message": ...}}, FastAPI's "detail", or the body."""
     try:
         data = response.json()
     except ValueError:
@@ -324,13 +325,14 @@ class OpenAICompletionClient:
             data = await self._post(url, body, request_id)
             latency = time.perf_counter() - start
         choices = self._match_choices(data, len(prompts))
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
         prompt_tokens = _as_count(usage.get("prompt_tokens"))
-        per_choice = [_as_count((c.get("usage") or {}).get("completion_tokens"), None) for c in choices]
-        if any(n is None for n in per_choice):
+        reported = [_choice_tokens(c) for c in choices]
+        per_choice = [n for n in reported if n is not None]
+        if len(per_choice) != len(choices):
             # Servers report one total per request; spread it so that the records add up to it.
             # (llama.cpp reports the FIRST prompt's usage only for a list of prompts.)
-            per_choice = list(_split_evenly(_as_count(usage.get("completion_tokens")), len(prompts)))
+            per_choice = _split_evenly(_as_count(usage.get("completion_tokens")), len(prompts))
         public_url = redact_url(url)
         return [
             CompletionRecord(
@@ -341,7 +343,7 @@ class OpenAICompletionClient:
                 text=choice["text"],
                 finish_reason=choice.get("finish_reason"),
                 prompt_tokens=prompt_tokens,
-                completion_tokens=n or 0,
+                completion_tokens=n,
                 latency_s=latency,
                 model=self.model,
                 base_url=public_url,
@@ -368,15 +370,15 @@ class OpenAICompletionClient:
             )
         if status >= 400:
             raise LLMError(
-                self._redact(f"{redact_url(url)} rejected the request (HTTP {status}): {_error_text(response)}"),
+                self._redact(
+                    f"{redact_url(url)} rejected the request (HTTP {status}): {_error_text(response)}"
+                ),
                 retryable=False,
             )
         try:
             data = response.json()
         except ValueError:
-            raise _TransientError(
-                f"{redact_url(url)}: malformed JSON: {response.text[:100]!r}"
-            ) from None
+            raise _TransientError(f"{redact_url(url)}: malformed JSON: {response.text[:100]!r}") from None
         if not isinstance(data, dict):
             raise _TransientError(f"{redact_url(url)}: expected a JSON object, got {type(data).__name__}")
         return data
@@ -413,8 +415,15 @@ class OpenAICompletionClient:
         return text
 
 
-def _as_count(value: Any, default: int | None = 0) -> Any:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+def _as_count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _choice_tokens(choice: dict[str, Any]) -> int | None:
+    """Completion tokens of one choice, for servers that report them per choice."""
+    usage = choice.get("usage")
+    value = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _plan_batches(
@@ -617,7 +626,6 @@ def generate_chunk(
     Returns:
         One record per request, in order.
     """
-    logger = get_run_logger()
     start = time.perf_counter()
 
     async def run(client: OpenAICompletionClient) -> list[CompletionRecord]:
@@ -643,8 +651,16 @@ def generate_chunk(
                 await client.aclose()
 
         records = asyncio.run(private())
-    logger.info("%d completions in %.1fs", len(records), time.perf_counter() - start)
+    _task_logger().info("%d completions in %.1fs", len(records), time.perf_counter() - start)
     return records
+
+
+def _task_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    # Outside a task run (`generate_chunk.fn(...)` in tests) there is no run logger.
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 # Chunk task runs in flight at once: two are enough for the next chunk to fill the HTTP slots that the
@@ -660,6 +676,7 @@ def generate_in_tasks(
     cache: CompletionCache | None,
     chunk_size: int | None = None,
     on_progress: ProgressCallback | None = None,
+    model: str | None = None,
 ) -> list[CompletionRecord]:
     """Complete requests from inside a Prefect flow, as one `generate-chunk` task run per chunk.
 
@@ -676,10 +693,13 @@ def generate_in_tasks(
         chunk_size: Requests per task run; default `llm_batch_size * llm_concurrency`, so the number of task
             runs grows with the number of batches, not prompts.
         on_progress: Called as `(done, total)` over all requests, from the session's thread.
+        model: Model name to use instead of `settings.model` (a round's `BootstrapConfig.model`).
 
     Returns:
         One record per request, in request order.
     """
+    if model:
+        settings = settings.model_copy(update={"model": model})
     size = chunk_size or settings.llm_batch_size * settings.llm_concurrency
     chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
     if not chunks:
@@ -698,10 +718,8 @@ def generate_in_tasks(
         return report
 
     results: list[list[CompletionRecord]] = []
-    with (
-        GenerationSession(settings, base_urls) as session,
-        ThreadPoolTaskRunner(max_workers=_CHUNKS_IN_FLIGHT) as runner,
-    ):
+    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=_CHUNKS_IN_FLIGHT)
+    with GenerationSession(settings, base_urls) as session, runner:
         pending: deque[Any] = deque()
         next_chunk = 0
         try:

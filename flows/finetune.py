@@ -1,0 +1,47 @@
+"""Fine-tune a small model on committed rounds, and evaluate fine-tunes on held-out tasks, as Prefect flows."""
+
+from prefect import flow, get_run_logger
+
+from schemas.training import FinetuneParams
+from tasks.finetune import (
+    new_finetune_id,
+    prepare_data_task,
+    publish_finetune_task,
+    register_task,
+    train_task,
+    write_manifest_task,
+)
+
+
+@flow(name="finetune")
+def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
+    """Build the training data from committed rounds, train a LoRA adapter, and record it in the store.
+
+    With `dry_run` the data and the manifest are written but nothing is trained. Emits
+    `selfinstruct.finetune.completed` and a table artifact of the metrics.
+
+    Args:
+        params: Store, rounds, base model and training knobs.
+
+    Returns:
+        The fine-tune id, its rounds, row counts and losses.
+    """
+    params = params or FinetuneParams()
+    finetune_id = new_finetune_id()
+    data = prepare_data_task(params, finetune_id)
+    metrics = None if params.dry_run else train_task(params, finetune_id)
+    manifest = write_manifest_task(params, data, metrics)
+    if params.vllm_url and not params.dry_run:
+        register_task(params, finetune_id)
+    publish_finetune_task(params.store_url, manifest)
+    get_run_logger().info("fine-tune %s finished%s", finetune_id, " (dry run)" if params.dry_run else "")
+    return {
+        "finetune_id": finetune_id,
+        "dry_run": params.dry_run,
+        "rounds": manifest.rounds,
+        "rows": manifest.rows,
+        "eval_loss_before": metrics.eval_loss_before if metrics else None,
+        "eval_loss_after": metrics.eval_loss_after if metrics else None,
+    }
+
+

@@ -1,0 +1,182 @@
+"""Configs and records of fine-tuning on the generated data, and of the held-out evaluation."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ExportFormat = Literal["jsonl", "alpaca", "sft"]
+PromptFormat = Literal["template", "chat"]
+
+
+class FinetuneParams(BaseModel):
+    """Parameters of the `finetune` flow. Credentials never go here: they come from Settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_url: str | None = Field(default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data.")
+    rounds: list[int] | None = Field(default=None, description="Committed rounds to train on; None = all of them.")
+    include_seeds: bool = Field(default=False, description="Also train on the human-written seed tasks.")
+    seeds_path: str | None = Field(default=None, description="Seed JSONL file; None = the seeds we ship.")
+    max_instances: int = Field(default=5, ge=1, le=100, description="Instances used per instruction at most.")
+    validation_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Share of instructions held out for the validation loss."
+    )
+    base_model: str | None = Field(
+        default=None,
+        description="Hub id, local model folder or .gguf file; None = the embedded SmolLM2-135M-Instruct GGUF.",
+    )
+    max_steps: int = Field(default=200, ge=1, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(default=2e-4, gt=0.0, le=1.0, description="Peak learning rate (linear decay).")
+    lora_r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="Module names that get adapters; 'all-linear' = every linear layer."
+    )
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Steps per optimizer update.")
+    max_length: int = Field(default=512, ge=16, le=131_072, description="Tokens per example; longer ones are cut.")
+    seed: int = Field(default=42, description="Seeds data selection, templates, shuffling, the split and training.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="CPU threads for torch; None = torch's default."
+    )
+    dry_run: bool = Field(default=False, description="Build the data and write the manifest, but do not train.")
+    vllm_url: str | None = Field(
+        default=None, description="vLLM server (…/v1) with runtime LoRA loading on, to register the adapter with."
+    )
+    vllm_adapter_path: str | None = Field(
+        default=None,
+        description="The adapter folder as the vLLM server sees it; None = the local folder it was trained in.",
+    )
+
+
+class EvaluateParams(BaseModel):
+    """Parameters of the `evaluate` flow."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_url: str | None = Field(default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data.")
+    finetune_id: str | None = Field(default=None, description="Fine-tune to evaluate; None = the newest trained one.")
+    heldout_path: str | None = Field(default=None, description="Held-out task JSONL; None = the one we ship.")
+    limit: int | None = Field(default=None, ge=1, description="Evaluate the first N held-out tasks; None = all.")
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Greedy decoding length per answer.")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per generate() call.")
+    prompt_format: PromptFormat = Field(
+        default="template",
+        description="'template': the fine-tuning template named by `template`; 'chat': the tokenizer's chat template.",
+    )
+    template: str = Field(default="task_input_output", description="Name of the sft_*.txt template to prompt with.")
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=1024, description="CPU threads for torch; None = torch's default."
+    )
+
+
+class ExportStats(BaseModel):
+    """What happened to the instances on their way into a training set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instructions: int = Field(ge=0, description="Instructions with at least one usable instance.")
+    instances_read: int = Field(ge=0, description="Instances read from the rounds (and seeds).")
+    over_cap: int = Field(ge=0, description="Instances left out by max_instances.")
+    empty_output: int = Field(ge=0, description="Instances dropped because their output is empty.")
+    orphans: int = Field(ge=0, description="Instances whose instruction is not in the rounds read.")
+    duplicates: int = Field(ge=0, description="Instances dropped as duplicates of an earlier one.")
+    rows: int = Field(ge=0, description="Examples written.")
+    rows_per_source: dict[str, int] = Field(description="Examples per round ('1', '2', ...) and 'seeds'.")
+
+
+class LossPoint(BaseModel):
+    """Training loss logged at one optimizer step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: int = Field(ge=0)
+    loss: float
+
+
+class FinetuneMetrics(BaseModel):
+    """Losses of one training run; eval losses are on the validation split, before and after training."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(ge=0, description="Optimizer steps taken.")
+    train_loss_first: float | None = Field(description="Training loss logged at the first step.")
+    train_loss_last: float | None = Field(description="Training loss logged at the last step.")
+    train_loss_curve: list[LossPoint] = Field(description="Training loss at every logged step.")
+    eval_loss_before: float | None = Field(description="Validation loss of the base model; None without a split.")
+    eval_loss_after: float | None = Field(description="Validation loss after training; None without a split.")
+    train_runtime_s: float = Field(ge=0.0)
+    device: str = Field(description="'cpu' or the CUDA device name.")
+    precision: Literal["float32", "bfloat16"]
+    trainable_parameters: int = Field(ge=0)
+
+
+class FinetuneManifest(BaseModel):
+    """Written last under finetunes/<id>/: a fine-tune exists exactly when its manifest does.
+
+    `rounds` and `dry_run` are read by tasks.events to decide which rounds a fine-tune consumed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    finetune_id: str
+    created_at: datetime
+    dry_run: bool = Field(description="True when no model was trained (data and manifest only).")
+    store: str = Field(description="Store root, credentials removed.")
+    rounds: list[int] = Field(description="Committed rounds the data came from, ascending.")
+    include_seeds: bool
+    seeds_sha256: str | None = Field(description="Checksum of the seed file, when seeds were included.")
+    rows: dict[str, int] = Field(description="Rows of the 'train' and 'validation' files.")
+    sha256: dict[str, str] = Field(description="sha256 of the 'train' and 'validation' JSONL files as stored.")
+    export: ExportStats
+    base_model: str = Field(description="The base model as given ('embedded' for the shipped GGUF).")
+    params: FinetuneParams
+    metrics: FinetuneMetrics | None = Field(description="None for a dry run.")
+    files: list[str] = Field(description="Files under finetunes/<id>/, relative to it, manifest excluded.")
+    versions: dict[str, str] = Field(description="Versions of the training stack.")
+
+
+class AnswerScores(BaseModel):
+    """Summary of one model's answers on the held-out tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rouge_l_f: float = Field(ge=0.0, le=1.0, description="Mean ROUGE-L F against the references.")
+    empty_share: float = Field(ge=0.0, le=1.0, description="Share of answers that are empty.")
+    degenerate_share: float = Field(ge=0.0, le=1.0, description="Share of non-empty answers that repeat themselves.")
+    tasks: int = Field(ge=0)
+
+
+class TaskAnswers(BaseModel):
+    """Both models' answers to one held-out task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    reference: str
+    base: str
+    finetuned: str
+    base_rouge_l_f: float
+    finetuned_rouge_l_f: float
+    base_quality: Literal["ok", "empty", "degenerate"]
+    finetuned_quality: Literal["ok", "empty", "degenerate"]
+
+
+class EvaluationResult(BaseModel):
+    """evaluations/<id>/result.json. Results with the same `comparison_key` were measured the same way."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evaluation_id: str
+    finetune_id: str
+    created_at: datetime
+    comparison_key: str = Field(description="sha256 of the held-out file and every setting that affects scores.")
+    heldout: str = Field(description="File name of the held-out tasks.")
+    heldout_sha256: str
+    base_model: str
+    settings: dict[str, str | int | None] = Field(description="limit, max_new_tokens, prompt_format, template.")
+    base: AnswerScores
+    finetuned: AnswerScores
+    answers: list[TaskAnswers]

@@ -1,0 +1,326 @@
+"""Held-out evaluation: the base model and base + adapter answer unseen tasks; ROUGE-L F against references.
+
+ROUGE-L F is the metric of SuperNI (which Self-Instruct reports on), computed with rouge-score's own
+RougeScorer(["rougeL"]). Answers are decoded greedily, so a result depends only on the held-out file, the
+adapter and the settings; `comparison_key` hashes those settings and the file so results of different
+fine-tunes can be put side by side only when they were measured the same way.
+
+torch, transformers and peft are imported inside the functions that use them.
+"""
+
+import hashlib
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from schemas import SeedTask
+from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, TaskAnswers
+from tasks.export import template_by_name
+from tasks.finetune import (
+    FINETUNES,
+    FinetuneError,
+    latest_finetune,
+    load_base_model,
+    open_store,
+    read_finetune_manifest,
+    set_torch_threads,
+)
+from tasks.store import Store, redact_url
+
+DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "seeds" / "heldout_tasks.jsonl"
+EVALUATIONS = "evaluations"
+RESULT_FILE = "result.json"
+TABLE_KEY = "selfinstruct-evaluation"
+Quality = Literal["ok", "empty", "degenerate"]
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class HeldoutPrompt:
+    """One held-out task as a prompt and its reference answer."""
+
+    id: str
+    prompt: str
+    reference: str
+
+
+# -- pure: prompts and scoring --------------------------------------------------------------------------
+
+
+def load_heldout(path: Path | None = None, limit: int | None = None) -> tuple[list[SeedTask], str]:
+    """The first `limit` held-out tasks (all when None) and the sha256 of the whole file.
+
+    Raises:
+        tasks.seeds.SeedFileError: When the file is missing or invalid.
+    """
+    from tasks.seeds import load_seeds
+
+    tasks, sha256 = load_seeds(path or DEFAULT_HELDOUT)
+    return tasks[:limit] if limit else tasks, sha256
+
+
+def build_prompts(tasks: Sequence[SeedTask], prompt_format: str, template_name: str, tokenizer: Any = None) -> list[HeldoutPrompt]:
+    """Prompts for the first instance of each task.
+
+    Args:
+        tasks: Held-out tasks.
+        prompt_format: "template" renders the named sft_*.txt template (the fine-tuning format); "chat"
+            applies the tokenizer's chat template to the instruction and input as one user message.
+        template_name: Template name, for "template".
+        tokenizer: Needed for "chat".
+    """
+    template = template_by_name(template_name) if prompt_format == "template" else None
+    prompts = []
+    for task_ in tasks:
+        instance = task_.instances[0]
+        instruction, input_text = task_.instruction.strip(), instance.input.strip()
+        if template is not None:
+            prompt = template.render(instruction, input_text)
+        else:
+            content = f"{instruction}\n\n{input_text}" if input_text else instruction
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        prompts.append(HeldoutPrompt(id=task_.id, prompt=prompt, reference=instance.output.strip()))
+    return prompts
+
+
+def answer_quality(text: str) -> Quality:
+    """"empty" (nothing but whitespace), "degenerate" (no words, or repeating itself), else "ok".
+
+    Repetition: in an answer of 8 or more words, fewer than half of its word 3-grams are distinct, or a
+    line of 3 or more lines is repeated for half of them: the loops small models fall into.
+    """
+    if not text.strip():
+        return "empty"
+    words = _WORD.findall(text.lower())
+    if not words:
+        return "degenerate"
+    if len(words) >= 8:
+        grams = list(zip(words, words[1:], words[2:], strict=False))
+        if len(set(grams)) / len(grams) < 0.5:
+            return "degenerate"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) >= 3 and len(set(lines)) <= len(lines) / 2:
+        return "degenerate"
+    return "ok"
+
+
+def rouge_l_f(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F of each prediction against its reference (rouge-score, no stemming, as in Self-Instruct)."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], use_stemmer=False)
+    return [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references, strict=True)]
+
+
+def summarize(scores: Sequence[float], qualities: Sequence[Quality]) -> AnswerScores:
+    """Mean ROUGE-L F and the shares of empty and degenerate answers."""
+    n = len(scores)
+    return AnswerScores(
+        rouge_l_f=round(sum(scores) / n, 6) if n else 0.0,
+        empty_share=round(sum(q == "empty" for q in qualities) / n, 6) if n else 0.0,
+        degenerate_share=round(sum(q == "degenerate" for q in qualities) / n, 6) if n else 0.0,
+        tasks=n,
+    )
+
+
+def comparison_key(heldout_sha256: str, params: EvaluateParams) -> str:
+    """sha256 of the held-out file and every setting that changes scores (not the fine-tune or the store)."""
+    settings = {
+        "heldout": heldout_sha256,
+        "limit": params.limit,
+        "max_new_tokens": params.max_new_tokens,
+        "prompt_format": params.prompt_format,
+        "template": params.template if params.prompt_format == "template" else None,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def evaluation_id(finetune_id: str, key: str) -> str:
+    """Store id of an evaluation: the same fine-tune measured the same way always lands in the same place."""
+    return f"{finetune_id}--{key[:10]}"
+
+
+# -- generation -----------------------------------------------------------------------------------------
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to `prompts`, batched with left padding (prompts of similar length batched together).
+
+    Returns:
+        The decoded new tokens of each prompt, stripped, in the order of `prompts`.
+    """
+    import torch
+
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: dict[int, str] = {}
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                answers[i] = text.strip()
+    return [answers[i] for i in range(len(prompts))]
+
+
+def load_finetuned(base_model: str | None, adapter_dir: Path) -> tuple[Any, Any]:
+    """The base model with the adapter merged in (merging makes generation as fast as the base's)."""
+    from peft import PeftModel
+
+    model, tokenizer = load_base_model(base_model)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(), tokenizer
+
+
+# -- the evaluation -------------------------------------------------------------------------------------
+
+
+def evaluate_finetune(store: Store, finetune_id: str, params: EvaluateParams, log: Any = None) -> EvaluationResult:
+    """Answer the held-out tasks with the base model and with the fine-tune; score and store the result.
+
+    Args:
+        store: The store holding finetunes/<finetune_id>/.
+        finetune_id: A finished, trained fine-tune.
+        params: Held-out file, limit, decoding and prompt settings.
+        log: Called with progress lines, when given.
+
+    Returns:
+        The result, also written to evaluations/<evaluation id>/result.json.
+
+    Raises:
+        FinetuneError: When the fine-tune is unknown, unfinished or a dry run.
+    """
+    manifest = read_finetune_manifest(store, finetune_id)
+    if manifest.dry_run:
+        raise FinetuneError(f"fine-tune {finetune_id} is a dry run: it has no adapter to evaluate")
+    base_spec = manifest.params.base_model
+    heldout_path = Path(params.heldout_path) if params.heldout_path else DEFAULT_HELDOUT
+    tasks, heldout_sha256 = load_heldout(heldout_path, params.limit)
+    set_torch_threads(params.torch_threads)
+
+    answers: dict[str, list[str]] = {}
+    prompts: list[HeldoutPrompt] = []
+    with tempfile.TemporaryDirectory(prefix="selfinstruct-eval-") as folder:
+        adapter_dir = Path(folder) / "adapter"
+        store.get_tree(f"{FINETUNES}/{finetune_id}/adapter", adapter_dir)
+        for name in ("base", "finetuned"):
+            model, tokenizer = load_base_model(base_spec) if name == "base" else load_finetuned(base_spec, adapter_dir)
+            prompts = build_prompts(tasks, params.prompt_format, params.template, tokenizer)
+            answers[name] = generate_answers(
+                model, tokenizer, [p.prompt for p in prompts], params.max_new_tokens, params.batch_size
+            )
+            del model  # one copy of the weights at a time
+            if log is not None:
+                log(f"{name}: answered {len(prompts)} held-out tasks")
+
+    references = [p.reference for p in prompts]
+    scores = {name: rouge_l_f(texts, references) for name, texts in answers.items()}
+    qualities = {name: [answer_quality(t) for t in texts] for name, texts in answers.items()}
+    key = comparison_key(heldout_sha256, params)
+    result = EvaluationResult(
+        evaluation_id=evaluation_id(finetune_id, key),
+        finetune_id=finetune_id,
+        created_at=datetime.now(UTC),
+        comparison_key=key,
+        heldout=heldout_path.name,
+        heldout_sha256=heldout_sha256,
+        base_model=manifest.base_model,
+        settings={
+            "limit": params.limit,
+            "max_new_tokens": params.max_new_tokens,
+            "prompt_format": params.prompt_format,
+            "template": params.template if params.prompt_format == "template" else None,
+        },
+        base=summarize(scores["base"], qualities["base"]),
+        finetuned=summarize(scores["finetuned"], qualities["finetuned"]),
+        answers=[
+            TaskAnswers(
+                id=p.id,
+                reference=p.reference,
+                base=answers["base"][i],
+                finetuned=answers["finetuned"][i],
+                base_rouge_l_f=round(scores["base"][i], 6),
+                finetuned_rouge_l_f=round(scores["finetuned"][i], 6),
+                base_quality=qualities["base"][i],
+                finetuned_quality=qualities["finetuned"][i],
+            )
+            for i, p in enumerate(prompts)
+        ],
+    )
+    store.put_bytes(f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}", result.model_dump_json(indent=2).encode())
+    return result
+
+
+def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | int]]:
+    """Rows of the evaluation's table artifact: base vs fine-tuned."""
+    return [
+        {
+            "model": label,
+            "rouge_l_f": round(scores.rouge_l_f, 4),
+            "empty_share": round(scores.empty_share, 4),
+            "degenerate_share": round(scores.degenerate_share, 4),
+            "tasks": scores.tasks,
+        }
+        for label, scores in ((f"base ({result.base_model})", result.base), (f"finetuned ({result.finetune_id})", result.finetuned))
+    ]
+
+
+# -- Prefect tasks --------------------------------------------------------------------------------------
+
+
+@task(name="resolve-finetune", cache_policy=NO_CACHE)
+def resolve_finetune_task(params: EvaluateParams) -> str:
+    """The fine-tune to evaluate: the one asked for, else the newest trained one."""
+    store = open_store(params.store_url)
+    if params.finetune_id is not None:
+        read_finetune_manifest(store, params.finetune_id)  # fails clearly when unknown
+        return params.finetune_id
+    found = latest_finetune(store)
+    if found is None:
+        raise FinetuneError(f"store {redact_url(store.url)} has no trained fine-tune to evaluate")
+    return found
+
+
+@task(name="evaluate-heldout", cache_policy=NO_CACHE)
+def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
+    """Run the held-out evaluation of one fine-tune and store its result."""
+    logger = get_run_logger()
+    result = evaluate_finetune(open_store(params.store_url), finetune_id, params, log=logger.info)
+    logger.info(
+        "%s: ROUGE-L F base %.4f -> fine-tuned %.4f on %d tasks",
+        finetune_id, result.base.rouge_l_f, result.finetuned.rouge_l_f, result.base.tasks,
+    )
+    return result
+
+
+@task(name="publish-evaluation", cache_policy=NO_CACHE)
+def publish_evaluation_task(store_url: str | None, result: EvaluationResult) -> str:
+    """Table artifact comparing base and fine-tuned; returns the result's store location."""
+    from prefect.artifacts import create_table_artifact
+
+    store = open_store(store_url)
+    location = store.location_of(f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}")
+    create_table_artifact(
+        table=comparison_rows(result),
+        key=TABLE_KEY,
+        description=f"Held-out ROUGE-L of {result.finetune_id} vs its base on {result.base.tasks} tasks "
+        f"of {result.heldout} (comparison key {result.comparison_key[:10]}); {redact_url(location)}",
+    )
+    return location

@@ -1,0 +1,283 @@
+"""Fine-tuning data from committed rounds: templates, caps, dedup, shuffling, formats, and the export CLI."""
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from schemas import BootstrapConfig, InstanceRecord, InstructionRecord, RoundManifest, SamplingParams, SeedTask
+from tasks.export import (
+    ExportError,
+    TemplateError,
+    load_templates,
+    parse_template,
+    prepare_examples,
+    select_rounds,
+    split_by_instruction,
+    template_by_name,
+    to_rows,
+    write_export,
+)
+from tasks.store import Store, records_to_table
+
+# Tasks for test rounds: (instruction, is_classification, [(input, output), ...]).
+TASKS: list[tuple[str, bool, list[tuple[str, str]]]] = [
+    ("Give the plural of the noun.", False, [("mouse", "mice"), ("child", "children"), ("leaf", "leaves")]),
+    ("Is the number even or odd?", True, [("14", "even"), ("9", "odd"), ("0", "even")]),
+    ("Name the color you get by mixing the two colors.", False, [("blue and yellow", "green"), ("red and white", "pink")]),
+    ("Write the opposite of the adjective.", False, [("hot", "cold"), ("early", "late"), ("full", "empty")]),
+    ("Suggest a name for a bakery.", False, [("", "The Rolling Pin")]),
+    ("Translate the number into English words.", False, [("12", "twelve"), ("40", "forty")]),
+    ("Classify the animal as mammal, bird or fish.", True, [("sparrow", "bird"), ("salmon", "fish"), ("goat", "mammal")]),
+    ("Give the capital city of the country.", False, [("Japan", "Tokyo"), ("Italy", "Rome")]),
+    ("Count the vowels in the word.", False, [("banana", "3"), ("sky", "0")]),
+    ("Say whether the sentence is a question or a statement.", True, [("Where is the station?", "question")]),
+    ("Name a fruit that is yellow.", False, [("", "banana")]),
+    ("Add the two numbers.", False, [("3 and 4", "7"), ("10 and 5", "15")]),
+]
+
+
+def instruction_record(round_number: int, n: int, text: str, is_classification: bool) -> InstructionRecord:
+    """An accepted instruction as a round writes it."""
+    return InstructionRecord(
+        id=f"r{round_number:05d}-{n:05d}",
+        round=round_number,
+        instruction=text,
+        request_key=f"key-{round_number}-{n}",
+        prompt_index=0,
+        in_context_ids=["seed_task_0"],
+        model="smollm2",
+        sampling=SamplingParams(),
+        max_rouge=0.1,
+        most_similar=[],
+        avg_similarity=0.05,
+        is_classification=is_classification,
+        classification_raw="Yes" if is_classification else "No",
+    )
+
+
+def write_round(store: Store, tasks: Sequence[tuple[str, bool, list[tuple[str, str]]]], run_id: str = "test") -> int:
+    """Commit one round holding `tasks` through the real store API; returns its number."""
+    number = store.claim_next_round(run_id)
+    instructions, instances = [], []
+    for n, (text, is_classification, pairs) in enumerate(tasks):
+        record = instruction_record(number, n, text, is_classification)
+        instructions.append(record)
+        instances += [
+            InstanceRecord(instruction_id=record.id, round=number, index=k, input=i, output=o, request_key="k")
+            for k, (i, o) in enumerate(pairs)
+        ]
+    files = {
+        "instructions.parquet": store.write_table(number, "instructions", records_to_table(instructions, "instructions")),
+        "instances.parquet": store.write_table(number, "instances", records_to_table(instances, "instances")),
+    }
+    store.commit(
+        RoundManifest(
+            round=number,
+            run_id=run_id,
+            created_at=datetime.now(UTC),
+            model="smollm2",
+            seeds_sha256="0" * 64,
+            pool_size_before=10,
+            counts={"kept": len(instructions), "instances": len(instances)},
+            config=BootstrapConfig(),
+            files=files,
+        )
+    )
+    return number
+
+
+def two_round_store(root: Path) -> Store:
+    """A store with TASKS split over rounds 1 and 2."""
+    store = Store(str(root))
+    write_round(store, TASKS[:6])
+    write_round(store, TASKS[6:])
+    return store
+
+
+def write_seed_file(path: Path) -> Path:
+    """A two-task seed file; its second task duplicates an instance of round 1."""
+    lines = [
+        {"id": "seed_task_0", "name": "shout", "instruction": "Rewrite the sentence in capital letters.",
+         "instances": [{"input": "good morning", "output": "GOOD MORNING"}], "is_classification": False},
+        {"id": "seed_task_1", "name": "plural", "instruction": "Give the plural of the noun.",
+         "instances": [{"input": "mouse", "output": "mice"}], "is_classification": False},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+# -- templates ------------------------------------------------------------------------------------------
+
+
+def test_templates_render_exact_prompts() -> None:
+    templates = {t.name: t for t in load_templates()}
+    assert len(templates) >= 4
+    task_io = templates["task_input_output"]
+    assert task_io.render("Add the numbers.", "2 and 3") == "Task: Add the numbers.\nInput: 2 and 3\nOutput:\n"
+    assert task_io.render("Name a fruit.", "") == "Task: Name a fruit.\nOutput:\n"
+    assert templates["bare"].render("Add the numbers.", "2 and 3") == "Add the numbers.\n\n2 and 3\n\n"
+    assert templates["headings"].render("Name a fruit.", "") == "Instruction:\nName a fruit.\n\nResponse:\n"
+    for template in templates.values():  # every prompt ends where the answer starts: on a fresh line
+        assert template.render("x", "y").endswith("\n") and template.render("x", "").endswith("\n")
+
+
+def test_braces_in_the_data_are_left_alone() -> None:
+    template = template_by_name("task_input_output")
+    assert template.render("Fill {input} in", "{instruction}") == "Task: Fill {input} in\nInput: {instruction}\nOutput:\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Task: {instruction}\n<<<with input>>>\n{instruction} {input}\n<<<without input>>>\n{instruction}\n", "before the first"),
+        ("<<<with input>>>\n{instruction}\n<<<without input>>>\n{instruction}\n", "needs {instruction} and {input}"),
+        ("<<<with input>>>\n{instruction} {input}\n<<<without input>>>\n{instruction} {input}\n", "no {input}"),
+        ("<<<with input>>>\n{instruction} {input}\n", "missing section <<<without input>>>"),
+    ],
+)
+def test_malformed_templates_are_rejected(text: str, message: str) -> None:
+    with pytest.raises(TemplateError, match="template broken: .*" + message.replace("{", r"\{").replace("}", r"\}")):
+        parse_template("broken", text)
+
+
+# -- examples -------------------------------------------------------------------------------------------
+
+
+def test_select_rounds_specs() -> None:
+    committed = [1, 2, 3, 5]
+    assert select_rounds(None, committed) == [1, 2, 3, 5]
+    assert select_rounds("2:3", committed) == [2, 3]
+    assert select_rounds("3", committed) == [3]
+    assert select_rounds(":2", committed) == [1, 2]
+    assert select_rounds("3:", committed) == [3, 5]
+    with pytest.raises(ExportError, match="no committed round in that range .committed: 1-3, 5"):
+        select_rounds("4", committed)
+    with pytest.raises(ExportError, match="expected N, A:B"):
+        select_rounds("two", committed)
+    with pytest.raises(ExportError, match="3 is after 2"):
+        select_rounds("3:2", committed)
+    with pytest.raises(ExportError, match="no committed rounds"):
+        select_rounds(None, [])
+
+
+def test_examples_are_capped_deduplicated_and_shuffled_reproducibly(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    noisy = [
+        ("Give the plural of the noun.", False, [("mouse", "mice"), ("Mouse ", " mice"), ("leaf", "leaves"), ("ox", "oxen")]),
+        ("Suggest a name for a bakery.", False, [("", "The Rolling Pin"), ("", "  ")]),
+    ]
+    write_round(store, noisy)
+    write_round(store, [("give the  plural of the noun.", False, [("leaf", "leaves")])])
+    instructions, instances = store.read_committed("instructions"), store.read_committed("instances")
+
+    examples, stats = prepare_examples(instructions, instances, None, max_instances=5, seed=1)
+    assert stats.instances_read == 7
+    assert stats.empty_output == 1
+    assert stats.duplicates == 2  # "Mouse "/" mice" in round 1, and round 2's copy of "leaf"
+    assert stats.rows == len(examples) == 4
+    assert stats.rows_per_source == {"1": 4}
+    assert sorted(e.output for e in examples) == ["The Rolling Pin", "leaves", "mice", "oxen"]
+
+    capped, capped_stats = prepare_examples(instructions, instances, None, max_instances=2, seed=1)
+    assert capped_stats.over_cap == 2
+    again, _ = prepare_examples(instructions, instances, None, max_instances=2, seed=1)
+    assert again == capped
+    orders = {tuple(e.id for e in prepare_examples(instructions, instances, None, 5, seed)[0]) for seed in range(6)}
+    assert len(orders) > 1  # the seed changes the order
+
+
+def test_seeds_come_first_in_dedup_and_have_round_zero(tmp_path: Path) -> None:
+    store = two_round_store(tmp_path / "store")
+    seeds = [SeedTask.model_validate(json.loads(line)) for line in write_seed_file(tmp_path / "s.jsonl").read_text().splitlines()]
+    examples, stats = prepare_examples(store.read_committed("instructions"), store.read_committed("instances"), seeds, 5, 0)
+    assert stats.duplicates == 1
+    assert stats.rows_per_source["seeds"] == 2
+    assert {e.id for e in examples if e.round == 0} == {"seed_task_0#0", "seed_task_1#0"}
+    assert "r00001-00000#0" not in {e.id for e in examples}  # the round's copy of the seed's instance
+
+
+def test_split_keeps_each_instruction_on_one_side(tmp_path: Path) -> None:
+    store = two_round_store(tmp_path / "store")
+    examples, _ = prepare_examples(store.read_committed("instructions"), store.read_committed("instances"), None, 5, 3)
+    train, validation = split_by_instruction(examples, 0.2, seed=3)
+    assert len(train) + len(validation) == len(examples)
+    assert validation and not {e.instruction for e in train} & {e.instruction for e in validation}
+    assert split_by_instruction(examples, 0.0, seed=3) == (examples, [])
+
+
+def test_sft_rows_use_every_template_and_the_choice_is_stable(tmp_path: Path) -> None:
+    store = two_round_store(tmp_path / "store")
+    examples, _ = prepare_examples(store.read_committed("instructions"), store.read_committed("instances"), None, 5, 0)
+    rows = to_rows(examples, "sft", seed=0)
+    assert all(set(row) == {"prompt", "completion"} for row in rows)
+    by_output = {row["completion"]: row["prompt"] for row in rows}
+    assert by_output["mice"] in {t.render("Give the plural of the noun.", "mouse") for t in load_templates()}
+    used = {t.name for e in examples for t in load_templates() if t.render(e.instruction, e.input) in {r["prompt"] for r in rows}}
+    assert len(used) >= 3
+    # The template of an example depends on the seed and its id only, not on which other rounds are exported.
+    only_round_1 = [e for e in examples if e.round == 1]
+    assert to_rows(only_round_1, "sft", seed=0) == [r for r, e in zip(rows, examples, strict=True) if e.round == 1]
+
+
+# -- writing and loading --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "columns"),
+    [
+        ("jsonl", {"instruction", "input", "output", "is_classification", "round", "id"}),
+        ("alpaca", {"instruction", "input", "output"}),
+        ("sft", {"prompt", "completion"}),
+    ],
+)
+def test_export_round_trips_through_datasets(tmp_path: Path, fmt: str, columns: set[str]) -> None:
+    import datasets
+
+    store = two_round_store(tmp_path / "store")
+    out = tmp_path / "out" / f"{fmt}.jsonl"
+    result = write_export(store, out, fmt, rounds="1:2", include_seeds=True, seeds_path=write_seed_file(tmp_path / "s.jsonl"))  # type: ignore[arg-type]
+    loaded = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert set(loaded.column_names) == columns
+    assert loaded.num_rows == result.rows == result.stats.rows == 26
+    assert result.rounds == [1, 2]
+    if fmt == "jsonl":
+        assert sorted(set(loaded["round"])) == [0, 1, 2]
+        assert out.read_text().splitlines()[0].startswith('{"instruction": ')
+
+
+def test_export_errors_write_nothing(tmp_path: Path) -> None:
+    empty = Store(str(tmp_path / "empty"))
+    out = tmp_path / "x.jsonl"
+    with pytest.raises(ExportError, match="no committed rounds"):
+        write_export(empty, out, "jsonl")
+    store = two_round_store(tmp_path / "store")
+    with pytest.raises(ExportError, match="no committed round in that range"):
+        write_export(store, out, "sft", rounds="7:9")
+    assert not out.exists()
+
+
+def test_export_cli(tmp_path: Path) -> None:
+    import typer
+
+    from selfinstruct.cli_train import register
+
+    app = typer.Typer()
+    register(app)
+    store = two_round_store(tmp_path / "store")
+    out = tmp_path / "alpaca.jsonl"
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["export", "--format", "alpaca", "--rounds", "2", "--max-instances", "1", "--store", store.url, str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) == 6
+    assert "6 rows" in result.output
+
+    failed = runner.invoke(app, ["export", "--format", "sft", "--store", str(tmp_path / "none"), str(tmp_path / "n.jsonl")])
+    assert failed.exit_code != 0
+    assert "no committed rounds" in failed.output
+    assert not (tmp_path / "n.jsonl").exists()
