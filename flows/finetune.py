@@ -29,8 +29,8 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
     params = params or FinetuneParams()
     finetune_id = new_finetune_id()
     data = prepare_data_task(params, finetune_id)
-    metrics = None if params.dry_run else train_task(params, finetune_id)
-    manifest = write_manifest_task(params, data, metrics)
+    trained = None if params.dry_run else train_task(params, finetune_id)
+    manifest = write_manifest_task(params, data, trained)
     if params.vllm_url and not params.dry_run:
         register_task(params, finetune_id)
     publish_finetune_task(params.store_url, manifest)
@@ -40,8 +40,8 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
         "dry_run": params.dry_run,
         "rounds": manifest.rounds,
         "rows": manifest.rows,
-        "eval_loss_before": metrics.eval_loss_before if metrics else None,
-        "eval_loss_after": metrics.eval_loss_after if metrics else None,
+        "eval_loss_before": trained.metrics.eval_loss_before if trained else None,
+        "eval_loss_after": trained.metrics.eval_loss_after if trained else None,
     }
 
 

@@ -656,20 +656,14 @@ def _resolve_workers(workers: int) -> int:
     return workers
 
 
-def _mean_f(lcs_by_len: np.ndarray, target_len: int, compared: int) -> float:
-    if compared == 0 or target_len == 0:
-        return 0.0
-    lengths = np.arange(len(lcs_by_len), dtype=np.float64)
-    return float((2 * lcs_by_len / (target_len + lengths)).sum() / compared)
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores, ties broken by lower index."""
-    if len(scores) > k:
-        kth = np.partition(scores, len(scores) - k)[len(scores) - k]
-        reaching = np.flatnonzero(scores >= kth)
-        return reaching[np.argsort(-scores[reaching], kind="stable")][:k]
-    return np.argsort(-scores, kind="stable")
+def _mean_f(lcs_by_len: np.ndarray, target_len: np.ndarray, compared: np.ndarray) -> np.ndarray:
+    """Mean of 2L/(m+n) per row from exact LCS sums by token count n, whatever the order pairs came in."""
+    lengths = np.arange(lcs_by_len.shape[1])
+    terms = np.zeros(lcs_by_len.shape)
+    np.divide(2 * lcs_by_len, target_len[:, None] + lengths[None, :], out=terms, where=lcs_by_len > 0)
+    means = np.zeros(len(lcs_by_len))
+    np.divide(terms.sum(axis=1), compared, out=means, where=compared > 0)
+    return means
 
 
 def _greedy(
@@ -684,7 +678,7 @@ def _greedy(
     """Walk the candidates in order, each compared with the pool and the candidates kept before it.
 
     Candidates go in chunks: those kept in earlier chunks are scored like one more pool block, and only the
-    comparisons inside a chunk are walked one candidate at a time.
+    maxima inside a chunk are walked one candidate at a time; lineage is then gathered for the whole chunk.
     """
     count = len(cands.seqs)
     k = pool.top_pos.shape[1]
@@ -694,68 +688,84 @@ def _greedy(
     for a in range(0, count, _INTRA_CHUNK):
         rows = slice(a, min(a + _INTRA_CHUNK, count))
         chunk = _Candidates(cands.seqs[rows], cands.lens[rows])
-        earlier = _rows(pool, rows)
+        before = _rows(pool, rows)
         if kept:
             kept_block = _Block.build(pool_size, [cands.seqs[j] for j in kept], cands.lens[kept])
             kept_scores = _score_blocks_local(chunk, [kept_block], k, lineage, threads)
-            earlier = _merge([earlier, *kept_scores], len(chunk.seqs), k, width, lineage)
+            before = _merge([before, *kept_scores], len(chunk.seqs), k, width, lineage)
         first_position = pool_size + len(kept)
         inside = cdist(chunk.seqs, chunk.seqs, scorer=LCSseq.similarity, dtype=np.int32, workers=threads)
-        kept_inside: list[int] = []
-        for row in range(len(chunk.seqs)):
-            decision = _decide(
-                row,
-                chunk,
-                earlier,
-                inside[row],
-                kept_inside,
-                first_position,
-                pool_size + len(kept),
-                threshold,
-                top_k,
+        f_inside = rouge_l_fmeasure(inside, chunk.lens[:, None], chunk.lens[None, :])
+        keep, best_f, best_pos = _walk(f_inside, before, first_position, threshold)
+        compared = np.full(len(keep), len(kept) + pool_size)
+        if lineage:
+            tops, means = _chunk_lineage(
+                chunk, before, inside, f_inside, keep, first_position, compared, top_k
             )
-            decisions.append(decision)
-            if decision.keep:
-                kept_inside.append(row)
-        kept.extend(a + row for row in kept_inside)
+        for row in range(len(keep)):
+            position = best_pos[row] if best_pos[row] >= 0 else None
+            lineage_of_row = (tops[row], float(means[row])) if lineage else ([], None)
+            decisions.append(Decision(bool(keep[row]), best_f[row], position, *lineage_of_row))
+        kept.extend((a + np.flatnonzero(keep)).tolist())
     return decisions
 
 
-def _decide(
-    row: int,
+def _walk(
+    f_inside: np.ndarray, before: _BlockScores, first_position: int, threshold: float
+) -> tuple[np.ndarray, list[float], list[int]]:
+    """The sequential part: keep, max F and its position per candidate of a chunk, in order."""
+    count = len(f_inside)
+    keep = np.zeros(count, dtype=bool)
+    best_f: list[float] = before.top_f[:, 0].tolist()
+    best_pos: list[int] = before.top_pos[:, 0].tolist()
+    kept_columns = np.zeros(count, dtype=np.intp)
+    kept_count = 0
+    for row in range(count):
+        if kept_count:
+            scores = f_inside[row, kept_columns[:kept_count]]
+            j = int(scores.argmax())
+            if best_pos[row] < 0 or scores[j] > best_f[row]:  # on a tie the lower position, from before, wins
+                best_f[row], best_pos[row] = float(scores[j]), first_position + j
+        if best_pos[row] < 0:
+            best_f[row] = 0.0
+        if not best_f[row] > threshold:
+            keep[row] = True
+            kept_columns[kept_count] = row
+            kept_count += 1
+    return keep, best_f, best_pos
+
+
+def _chunk_lineage(
     chunk: _Candidates,
-    earlier: _BlockScores,
+    before: _BlockScores,
     inside: np.ndarray,
-    kept_inside: list[int],
+    f_inside: np.ndarray,
+    keep: np.ndarray,
     first_position: int,
-    compared_before: int,
-    threshold: float,
+    compared: np.ndarray,
     top_k: int,
-) -> Decision:
-    """The decision on one candidate from its scores against everything before its chunk plus `kept_inside`."""
-    columns = np.array(kept_inside, dtype=np.intp)
-    m = int(chunk.lens[row])
-    f_inside = rouge_l_fmeasure(inside[columns], m, chunk.lens[columns])
-    best_pos, best_f = int(earlier.top_pos[row, 0]), float(earlier.top_f[row, 0])
-    if len(columns):
-        j = int(np.argmax(f_inside))
-        if best_pos < 0 or f_inside[j] > best_f:  # on a tie the lower position, from before, wins
-            best_pos, best_f = first_position + j, float(f_inside[j])
-    if best_pos < 0:
-        best_f = 0.0
-    keep = not best_f > threshold
-    most_similar = best_pos if best_pos >= 0 else None
-    if earlier.lcs_sums is None:
-        return Decision(keep, best_f, most_similar, [], None)
-    merged = [
-        (int(p), float(f)) for p, f in zip(earlier.top_pos[row], earlier.top_f[row], strict=True) if p >= 0
+) -> tuple[list[list[tuple[int, float]]], np.ndarray]:
+    """Top k and mean F per candidate of a chunk, once its decisions are known."""
+    count = len(keep)
+    earlier_kept = keep[None, :] & np.tri(count, k=-1, dtype=bool)  # [row, j]: j kept and before row
+    positions = first_position + np.cumsum(keep) - 1  # of the kept ones
+    f_all = np.concatenate([before.top_f, np.where(earlier_kept, f_inside, -1.0)], axis=1)
+    pos_all = np.concatenate([before.top_pos, np.broadcast_to(positions, (count, count))], axis=1)
+    rows = np.repeat(np.arange(count), f_all.shape[1])
+    order = np.lexsort((pos_all.ravel(), -f_all.ravel(), rows)).reshape(count, -1)[:, :top_k]
+    top_f, top_pos = f_all.ravel()[order].tolist(), pos_all.ravel()[order].tolist()
+    tops = [
+        [(p, f) for p, f in zip(pos_row, f_row, strict=True) if f >= 0.0]
+        for pos_row, f_row in zip(top_pos, top_f, strict=True)
     ]
-    merged += [(first_position + int(j), float(f_inside[j])) for j in _top_k(f_inside, top_k)]
-    top = sorted(merged, key=lambda item: (-item[1], item[0]))[:top_k]
-    by_len = earlier.lcs_sums[row] + np.bincount(
-        chunk.lens[columns], weights=inside[columns], minlength=len(earlier.group_lens)
-    ).astype(np.int64)
-    return Decision(keep, best_f, most_similar, top, _mean_f(by_len, m, compared_before + len(columns)))
+    assert before.lcs_sums is not None
+    width = before.lcs_sums.shape[1]
+    one_hot = (chunk.lens[:, None] == np.arange(width)[None, :]).astype(np.float64)
+    # Float products of small integers are exact, so the LCS sums stay exact integers.
+    by_len = before.lcs_sums + (np.where(earlier_kept, inside, 0).astype(np.float64) @ one_hot).astype(
+        np.int64
+    )
+    return tops, _mean_f(by_len, chunk.lens, compared + earlier_kept.sum(axis=1))
 
 
 def deduplicate(

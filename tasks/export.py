@@ -7,7 +7,8 @@ that the model does not tie itself to one surface form; the result is shuffled w
 Templates live in tasks/templates/sft_*.txt. A file holds two sections, each opened by a marker line,
 `<<<with input>>>` and `<<<without input>>>`. Every line of a section up to the next marker is part of the
 prompt and is followed by a newline, so a prompt always ends with "\\n" and the completion (the output) starts
-on a fresh line. `{instruction}` and `{input}` are replaced in one pass, so braces in the data stay as they are.
+on a fresh line; the last line must not be blank (see `parse_template`). `{instruction}` and `{input}` are
+replaced in one pass, so braces in the data stay as they are.
 
 Everything here is pure except `write_export`, which reads the store and writes one JSONL file.
 """
@@ -110,6 +111,10 @@ def parse_template(name: str, text: str) -> SftTemplate:
     if missing:
         raise TemplateError(f"template {name}: missing section {missing[0]}")
     with_input, without_input = "".join(sections[WITH_INPUT]), "".join(sections[WITHOUT_INPUT])
+    if with_input.endswith("\n\n") or without_input.endswith("\n\n") or not with_input or not without_input:
+        # BPE tokenizers merge a run of newlines differently when the answer follows it, so a prompt ending in
+        # a blank line would not be a token prefix of prompt + answer.
+        raise TemplateError(f"template {name}: a section must end with a non-empty line")
     if with_input.count("{instruction}") != 1 or with_input.count("{input}") != 1:
         raise TemplateError(f"template {name}: {WITH_INPUT} needs {{instruction}} and {{input}} once each")
     if without_input.count("{instruction}") != 1 or "{input}" in without_input:

@@ -80,6 +80,15 @@ class DataSummary:
     sha256: dict[str, str]
     stats: ExportStats
     seeds_sha256: str | None
+    files: list[str]
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """What training produced: its metrics and the files it uploaded (relative to finetunes/<id>/)."""
+
+    metrics: FinetuneMetrics
+    files: list[str]
 
 
 # -- base model -----------------------------------------------------------------------------------------
@@ -244,6 +253,7 @@ def upload_training_data(store: Store, finetune_id: str, params: FinetuneParams)
         sha256={"train": hashlib.sha256(train).hexdigest(), "validation": hashlib.sha256(validation).hexdigest()},
         stats=stats,
         seeds_sha256=seeds_sha256,
+        files=[TRAIN_FILE, VALIDATION_FILE],
     )
 
 
@@ -383,7 +393,7 @@ def training_config(params: FinetuneParams) -> dict[str, Any]:
 
 def train_from_store(
     store: Store, finetune_id: str, params: FinetuneParams, log: Callable[[str], None] | None = None
-) -> FinetuneMetrics:
+) -> TrainedAdapter:
     """Train on the data uploaded for `finetune_id`; upload the adapter, training config and metrics."""
     base = f"{FINETUNES}/{finetune_id}"
     train_rows = read_rows(store.get_bytes(f"{base}/{TRAIN_FILE}"))
@@ -391,31 +401,20 @@ def train_from_store(
     with tempfile.TemporaryDirectory(prefix="selfinstruct-adapter-") as folder:
         adapter_dir = Path(folder) / "adapter"
         metrics = train_adapter(train_rows, validation_rows, params, adapter_dir, log)
-        store.put_tree(adapter_dir, f"{base}/adapter")
+        files = [f"adapter/{name}" for name in store.put_tree(adapter_dir, f"{base}/adapter")]
     store.put_bytes(f"{base}/training_config.json", json.dumps(training_config(params), indent=2).encode())
     store.put_bytes(f"{base}/metrics.json", metrics.model_dump_json(indent=2).encode())
-    return metrics
-
-
-def stored_files(store: Store, relative: str) -> list[str]:
-    """Every file under the store folder `relative`, as paths relative to it."""
-    names: list[str] = []
-    for name in store.list_names(relative):
-        child = f"{relative}/{name}"
-        below = stored_files(store, child)
-        names += [f"{name}/{b}" for b in below] if below else [name]
-    return names
+    return TrainedAdapter(metrics=metrics, files=[*files, "training_config.json", "metrics.json"])
 
 
 def write_manifest(
-    store: Store, params: FinetuneParams, data: DataSummary, metrics: FinetuneMetrics | None
+    store: Store, params: FinetuneParams, data: DataSummary, trained: TrainedAdapter | None
 ) -> FinetuneManifest:
     """Write finetunes/<id>/manifest.json, last: from here on the fine-tune exists for readers."""
-    base = f"{FINETUNES}/{data.finetune_id}"
     manifest = FinetuneManifest(
         finetune_id=data.finetune_id,
         created_at=datetime.now(UTC),
-        dry_run=params.dry_run,
+        dry_run=trained is None,
         store=redact_url(store.url),
         rounds=data.rounds,
         include_seeds=params.include_seeds,
@@ -425,11 +424,11 @@ def write_manifest(
         export=data.stats,
         base_model=params.base_model or EMBEDDED,
         params=params,
-        metrics=metrics,
-        files=[name for name in stored_files(store, base) if name != "manifest.json"],
+        metrics=trained.metrics if trained else None,
+        files=sorted([*data.files, *(trained.files if trained else [])]),
         versions=stack_versions(),
     )
-    store.put_bytes(f"{base}/manifest.json", manifest.model_dump_json(indent=2).encode())
+    store.put_bytes(f"{FINETUNES}/{data.finetune_id}/manifest.json", manifest.model_dump_json(indent=2).encode())
     return manifest
 
 
@@ -522,22 +521,23 @@ def prepare_data_task(params: FinetuneParams, finetune_id: str) -> DataSummary:
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)
-def train_task(params: FinetuneParams, finetune_id: str) -> FinetuneMetrics:
+def train_task(params: FinetuneParams, finetune_id: str) -> TrainedAdapter:
     """Train the LoRA adapter on the uploaded data and upload it."""
     logger = get_run_logger()
-    metrics = train_from_store(open_store(params.store_url), finetune_id, params, log=logger.info)
+    trained = train_from_store(open_store(params.store_url), finetune_id, params, log=logger.info)
+    metrics = trained.metrics
     logger.info(
         "fine-tune %s: %d steps in %.1f s, train loss %s -> %s, validation loss %s -> %s",
         finetune_id, metrics.steps, metrics.train_runtime_s, metrics.train_loss_first, metrics.train_loss_last,
         metrics.eval_loss_before, metrics.eval_loss_after,
     )
-    return metrics
+    return trained
 
 
 @task(name="write-finetune-manifest", cache_policy=NO_CACHE)
-def write_manifest_task(params: FinetuneParams, data: DataSummary, metrics: FinetuneMetrics | None) -> FinetuneManifest:
+def write_manifest_task(params: FinetuneParams, data: DataSummary, trained: TrainedAdapter | None) -> FinetuneManifest:
     """Write the manifest, the fine-tune's completion marker."""
-    return write_manifest(open_store(params.store_url), params, data, metrics)
+    return write_manifest(open_store(params.store_url), params, data, trained)
 
 
 @task(name="register-adapter-with-vllm", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

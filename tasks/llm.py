@@ -17,11 +17,12 @@ import itertools
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -46,6 +47,7 @@ _KEY_VERSION = 1
 # HTTP statuses worth retrying: overload, rate limits, server faults. Every other 4xx is the caller's fault.
 _RETRY_STATUSES = frozenset({408, 429})
 _MAX_ERROR_CHARS = 500
+_REQUESTS_PER_POOL = 8
 
 
 @dataclass(frozen=True)
@@ -206,12 +208,13 @@ class OpenAICompletionClient:
         if api_key is not None and api_key.get_secret_value():
             headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
             self._secrets.append(api_key.get_secret_value())
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-            # The callers bound concurrency themselves; a smaller pool would become a hidden queue.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-        )
+        self._headers = headers
+        # httpcore's pool does work proportional to its connection count on every request and release; at 64
+        # connections that cost more CPU than the requests themselves. Small pools, added as load grows, keep
+        # that cost flat.
+        self._pools: list[httpx.AsyncClient] = []
+        self._pool_load: list[int] = []
+        self._ssl: ssl.SSLContext | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, base_urls: list[str]) -> OpenAICompletionClient:
@@ -234,8 +237,36 @@ class OpenAICompletionClient:
         return {redact_url(u): n for u, n in self._in_flight.items()}
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
-        await self._http.aclose()
+        """Close the connection pools."""
+        for pool in self._pools:
+            await pool.aclose()
+        self._pools, self._pool_load = [], []
+
+    def _new_pool(self) -> httpx.AsyncClient:
+        if self._ssl is None:
+            # Loading the CA bundle takes tens of ms: once per client, not once per pool.
+            self._ssl = httpx.create_ssl_context()
+        return httpx.AsyncClient(
+            headers=self._headers,
+            verify=self._ssl,
+            timeout=httpx.Timeout(self.timeout_s, connect=min(self.timeout_s, 30.0)),
+            # A pool never has more than _REQUESTS_PER_POOL requests at once, so it needs no limit of its own.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+        )
+
+    @contextlib.contextmanager
+    def _pool(self) -> Iterator[httpx.AsyncClient]:
+        index = next((i for i, n in enumerate(self._pool_load) if n < _REQUESTS_PER_POOL), None)
+        if index is None:
+            self._pools.append(self._new_pool())
+            self._pool_load.append(0)
+            index = len(self._pools) - 1
+        self._pool_load[index] += 1
+        try:
+            yield self._pools[index]
+        finally:
+            if index < len(self._pool_load):  # aclose() may have emptied the list meanwhile
+                self._pool_load[index] -= 1
 
     async def complete(
         self, prompts: list[str], params: SamplingParams, seed: int | None, stage: Stage
@@ -356,9 +387,10 @@ class OpenAICompletionClient:
         try:
             # httpx's timeout bounds each read; this bounds the whole request, for servers that dribble.
             async with asyncio.timeout(self.timeout_s):
-                response = await self._http.post(
-                    f"{url}/completions", json=body, headers={"X-Request-Id": request_id}
-                )
+                with self._pool() as http:
+                    response = await http.post(
+                        f"{url}/completions", json=body, headers={"X-Request-Id": request_id}
+                    )
         except TimeoutError:
             raise _TransientError(f"{redact_url(url)}: no answer within {self.timeout_s:g}s") from None
         except httpx.RequestError as exc:

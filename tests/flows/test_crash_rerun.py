@@ -1,0 +1,80 @@
+"""A round killed during generation is invisible, and its rerun requests only the missing completions."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.store import Store
+from tests.support.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = 24
+
+
+def _run_cli(store_url: str, llm_url: str, api_url: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(
+        PREFECT_API_URL=api_url,
+        SELFINSTRUCT_LLM_BATCH_SIZE="2",
+        SELFINSTRUCT_LLM_CONCURRENCY="2",
+        SELFINSTRUCT_LLM_MAX_RETRIES="0",
+    )
+    command = [sys.executable, "-m", "selfinstruct", "run", "--store", store_url, "--llm-url", llm_url]
+    return subprocess.Popen(
+        [*command, "--prompts", str(PROMPTS)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def _instruction_prompts(fake: FakeOpenAI, start: int) -> list[str]:
+    """Instruction-generation prompts the server received from body number `start` on."""
+    bodies = list(fake.bodies)[start:]
+    return [p for body in bodies if body.get("max_tokens") == 1024 for p in body["prompt"]]
+
+
+def test_killed_round_is_redone_without_paying_twice(prefect_server: None, tmp_path: Path) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = str(PREFECT_API_URL.value())
+    store_url = str(tmp_path / "store")
+    with FakeOpenAI(latency_s=1.0) as fake:
+        first = _run_cli(store_url, fake.url, api_url)
+        deadline = time.monotonic() + 240
+        while fake.requests < 5 and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stdout.read().decode() if first.stdout else ""
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        received_before = len(fake.bodies)
+
+        store = Store(store_url)
+        assert store.committed_rounds() == []
+        assert store.uncommitted_rounds() == [1]
+        completions_dir = Path(store.round_dir(1)) / "completions"
+        cached = {
+            row["prompt"] for part in completions_dir.glob("*.parquet") for row in pq.read_table(part).to_pylist()
+        }
+        assert 0 < len(cached) < PROMPTS  # killed mid-generation, some batches persisted
+
+        status = subprocess.run(
+            [sys.executable, "-m", "selfinstruct", "status", "--store", store_url],
+            capture_output=True, text=True, check=True,
+        )
+        assert "no committed rounds" in status.stdout
+
+        second = _run_cli(store_url, fake.url, api_url)
+        output, _ = second.communicate(timeout=300)
+        assert second.returncode == 0, output.decode()
+
+    assert store.committed_rounds() == [1]
+    resent = _instruction_prompts(fake, received_before)
+    assert not set(resent) & cached, "a completion persisted before the crash was requested again"
+    assert len(resent) == PROMPTS - len(cached)
+    requests = store.read_table(1, "requests").to_pylist()
+    assert {r["prompt"] for r in requests if r["stage"] == "instruction"} >= cached
