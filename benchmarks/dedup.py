@@ -3,8 +3,8 @@
 Run: `python benchmarks/dedup.py [--quick]`. Prints one table:
 
 (a) the reference, Self-Instruct's loop: per candidate a new `multiprocessing.Pool(num_cpus)` maps
-    `partial(rouge_scorer._score_lcs, new_instruction_tokens)` over every pool instruction's tokens; measured on
-    a subset and reported as pairs/s;
+    `partial(rouge_scorer._score_lcs, new_instruction_tokens)` over every pool instruction's tokens;
+    measured on a subset and reported as pairs/s;
 (b) `deduplicate` on the same texts: pairs/s on large candidate x pool matrices, and the decisions on the
     reference subset compared with the reference's (mismatches must be 0);
 (c) a simulated bootstrap: rounds of candidates deduplicated greedily against a pool growing to 52,000
@@ -23,27 +23,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing import Pool
+from multiprocessing import Pool, get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from rouge_score import rouge_scorer  # noqa: E402
+from rich.console import Console
+from rich.table import Table
+from rouge_score import rouge_scorer
 
-from tasks.dedup import PoolIndex, deduplicate  # noqa: E402
+from tasks.dedup import PoolIndex, deduplicate
 
-VERBS = (
+_VERBS = (
     "write describe explain summarize classify translate list generate create identify compare rewrite find "
     "suggest design outline analyze evaluate convert calculate predict recommend determine extract propose "
     "draft compose plan estimate rank sort group detect correct improve simplify paraphrase critique review "
     "organize schedule brainstorm debug optimize prove solve derive illustrate define interpret categorize "
     "tag label annotate answer argue justify defend contrast imagine invent name choose select verify"
-).split()
-NOUNS = (
+)
+_NOUNS = (
     "poem story essay email letter tweet recipe plan list summary description review headline slogan joke "
     "riddle question answer argument report proposal schedule budget itinerary menu speech dialogue script "
     "article blog post advertisement product apology invitation resume cover letter lesson quiz puzzle "
@@ -51,27 +52,32 @@ NOUNS = (
     "toast eulogy limerick haiku sonnet song lyric tagline mission statement abstract outline thesis "
     "hypothesis experiment survey interview routine workout diet habit goal strategy pitch review comment "
     "feedback complaint request message note caption title name nickname password username address"
-).split()
-ADJECTIVES = (
+)
+_ADJECTIVES = (
     "short long funny formal informal persuasive detailed brief creative simple technical friendly polite "
     "concise vivid sad happy historical scientific sarcastic serious playful professional casual catchy "
     "memorable original balanced neutral positive negative optimistic critical humble confident gentle "
     "honest clear precise rough polished elegant modern classic quirky dramatic calm urgent"
-).split()
-TOPICS = (
-    "climate change|the ocean|machine learning|a cat|the city of Paris|ancient Rome|healthy eating|remote work|"
-    "a job interview|the solar system|friendship|a rainy day|electric cars|coffee|the internet|space travel|"
-    "a birthday party|renewable energy|public transport|a small business|music|video games|the stock market|"
-    "volcanoes|photosynthesis|the French revolution|quantum computing|a lost dog|social media|time management|"
-    "the human brain|gardening|a haunted house|the moon landing|cryptocurrency|world war two|a first date|"
-    "learning a language|the olympics|a hiking trip|cloud computing|vaccines|the printing press|black holes|"
-    "a chess game|sleep|recycling|a bakery|the desert|a marathon|democracy|an old lighthouse|bees|tea|"
-    "a new smartphone|online privacy|a school trip|the rainforest|inflation|a wedding|robots|dinosaurs"
-).split("|")
-AUDIENCES = (
-    "children|a teenager|your boss|a customer|a friend|a scientist|beginners|experts|your grandmother|a teacher|"
-    "investors|new employees|a landlord|a doctor|tourists|students|voters|a neighbor|the city council|fans"
-).split("|")
+)
+_TOPICS = (
+    "climate change|the ocean|machine learning|a cat|the city of Paris|ancient Rome|healthy eating|"
+    "remote work|a job interview|the solar system|friendship|a rainy day|electric cars|coffee|the internet|"
+    "space travel|a birthday party|renewable energy|public transport|a small business|music|video games|"
+    "the stock market|volcanoes|photosynthesis|the French revolution|quantum computing|a lost dog|"
+    "social media|time management|the human brain|gardening|a haunted house|the moon landing|cryptocurrency|"
+    "world war two|a first date|learning a language|the olympics|a hiking trip|cloud computing|vaccines|"
+    "the printing press|black holes|a chess game|sleep|recycling|a bakery|the desert|a marathon|democracy|"
+    "an old lighthouse|bees|tea|a new smartphone|online privacy|a school trip|the rainforest|inflation|"
+    "a wedding|robots|dinosaurs"
+)
+_AUDIENCES = (
+    "children|a teenager|your boss|a customer|a friend|a scientist|beginners|experts|your grandmother|"
+    "a teacher|investors|new employees|a landlord|a doctor|tourists|students|voters|a neighbor|"
+    "the city council|fans"
+)
+_SYLLABLES = "ka lo mi ne ru sa ti vo pe da ge fi hu ja xo ze qua bri stel morn dra ven ly tor"
+VERBS, NOUNS, ADJECTIVES = _VERBS.split(), _NOUNS.split(), _ADJECTIVES.split()
+TOPICS, AUDIENCES = _TOPICS.split("|"), _AUDIENCES.split("|")
 OPENERS = (
     "{V} a {A} {N} about {T}.",
     "{V} a {N} about {T} for {U}.",
@@ -106,7 +112,7 @@ EXTENSIONS = (
 
 
 def _rare_words(rng: random.Random, count: int) -> list[str]:
-    syllables = "ka lo mi ne ru sa ti vo pe da ge fi hu ja xo ze qua bri stel morn dra ven ly tor".split()
+    syllables = _SYLLABLES.split()
     return ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(count)]
 
 
@@ -202,27 +208,26 @@ def reference_decisions(
 
 
 def ours_on_subset(candidates: list[str], pool: list[str], threshold: float) -> list[tuple[bool, float]]:
-    """deduplicate on the reference's subset, lineage off (the reference records none)."""
-    index = PoolIndex.empty()
-    index.add([f"p{i}" for i in range(len(pool))], pool)
-    decisions = deduplicate(
-        [f"c{i}" for i in range(len(candidates))], candidates, index, threshold=threshold, lineage=False
-    )
-    return [(d.keep, d.max_score) for d in decisions]
+    """deduplicate on the reference's subset (lineage on and off must agree): (keep, max F) per candidate."""
+    verdicts = []
+    for lineage in (True, False):
+        index = PoolIndex.empty()
+        index.add([f"p{i}" for i in range(len(pool))], pool)
+        ids = [f"c{i}" for i in range(len(candidates))]
+        decisions = deduplicate(ids, candidates, index, threshold=threshold, lineage=lineage)
+        verdicts.append([(d.keep, d.max_score) for d in decisions])
+    if verdicts[0] != verdicts[1]:
+        raise AssertionError("lineage changed a decision")
+    return verdicts[0]
 
 
 def ours_throughput(candidates: list[str], pool: list[str], lineage: bool) -> float:
-    """Pairs per second of deduplicate on one large candidate x pool matrix."""
+    """Candidate x pool pairs per second of one deduplicate call (in-batch pairs not counted)."""
     index = PoolIndex.empty()
     index.add([f"p{i}" for i in range(len(pool))], pool)
     start = time.perf_counter()
     deduplicate([f"c{i}" for i in range(len(candidates))], candidates, index, lineage=lineage)
-    elapsed = time.perf_counter() - start
-    kept_pairs = (
-        len(candidates) * (len(candidates) - 1) // 2
-    )  # upper bound of the in-batch pairs, not counted
-    del kept_pairs
-    return len(candidates) * len(pool) / elapsed
+    return len(candidates) * len(pool) / (time.perf_counter() - start)
 
 
 @dataclass
@@ -234,29 +239,35 @@ class Bootstrap:
     kept: int
     pairs: int
     seconds: float
+    rss_start_mib: float
     peak_rss_mib: float
 
 
 def simulate_bootstrap(target: int, round_size: int, seed_count: int, seed: int) -> Bootstrap:
-    """Rounds of candidates deduplicated (lineage on) until the pool holds `target` instructions."""
+    """Rounds of candidates deduplicated (lineage on) until the pool holds `target` instructions.
+
+    Only the deduplicate calls are timed; run it in a fresh process so that max RSS is its own.
+    """
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     generator = iter(InstructionGenerator(seed=seed))
     index = PoolIndex.empty()
     index.add([f"seed{i}" for i in range(seed_count)], [next(generator) for _ in range(seed_count)])
     rounds = candidates = pairs = 0
-    start = time.perf_counter()
+    seconds = 0.0
     while len(index) < target:
         rounds += 1
         batch = [next(generator) for _ in range(round_size)]
         size_before = len(index)
+        start = time.perf_counter()
         decisions = deduplicate([f"r{rounds}-{i}" for i in range(len(batch))], batch, index, lineage=True)
+        seconds += time.perf_counter() - start
         kept_before = 0
         for decision in decisions:
             pairs += size_before + kept_before
             kept_before += decision.keep
         candidates += len(batch)
-    seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Bootstrap(rounds, candidates, len(index) - seed_count, pairs, seconds, peak)
+    return Bootstrap(rounds, candidates, len(index) - seed_count, pairs, seconds, rss_start, peak)
 
 
 def cpu_model() -> str:
@@ -293,7 +304,8 @@ def main() -> None:
     texts = InstructionGenerator(seed=11).take(big_pool + big_candidates)
     rate_on = ours_throughput(texts[big_pool:], texts[:big_pool], lineage=True)
     rate_off = ours_throughput(texts[big_pool:], texts[:big_pool], lineage=False)
-    boot = simulate_bootstrap(target, round_size, seed_count=175, seed=3)
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as child:
+        boot = child.submit(simulate_bootstrap, target, round_size, 175, 3).result()
 
     table = Table(title=f"ROUGE-L dedup, {cores} cores, {cpu_model()}, Python {platform.python_version()}")
     table.add_column("measurement")
@@ -322,7 +334,10 @@ def main() -> None:
         "(c) wall time (lineage on)",
         f"{boot.seconds:,.1f} s ({boot.pairs / boot.seconds / 1e6:,.1f} M pairs/s)",
     )
-    table.add_row("(c) peak memory (max RSS of this process)", f"{boot.peak_rss_mib:,.0f} MiB")
+    table.add_row(
+        "(c) peak memory: max RSS of its process (at start)",
+        f"{boot.peak_rss_mib:,.0f} MiB ({boot.rss_start_mib:,.0f})",
+    )
     console.print(table)
 
 

@@ -43,5 +43,3 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
         "eval_loss_before": trained.metrics.eval_loss_before if trained else None,
         "eval_loss_after": trained.metrics.eval_loss_after if trained else None,
     }
-
-

@@ -67,8 +67,11 @@ class BootstrapConfig(BaseModel):
         description="Greedy decoding for the is-classification question.",
     )
     instance_sampling: SamplingParams = Field(
+        # The original release used presence_penalty=1.5 with GPT-3; on llama.cpp it also penalises the
+        # prompt's own "Input:"/"Output:" markers and small models drift out of the format (seen with
+        # SmolLM2-135M), so greedy decoding without penalties is the default here.
         default=SamplingParams(
-            temperature=0.0, top_p=1.0, max_tokens=300, presence_penalty=1.5, stop=("Example 6", "Task:")
+            temperature=0.0, top_p=1.0, max_tokens=300, presence_penalty=0.0, stop=("Example 6", "Task:")
         ),
         description="Decoding for instance generation.",
     )

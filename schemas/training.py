@@ -14,8 +14,12 @@ class FinetuneParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    store_url: str | None = Field(default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data.")
-    rounds: list[int] | None = Field(default=None, description="Committed rounds to train on; None = all of them.")
+    store_url: str | None = Field(
+        default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data."
+    )
+    rounds: list[int] | None = Field(
+        default=None, description="Committed rounds to train on; None = all of them."
+    )
     include_seeds: bool = Field(default=False, description="Also train on the human-written seed tasks.")
     seeds_path: str | None = Field(default=None, description="Seed JSONL file; None = the seeds we ship.")
     max_instances: int = Field(default=5, ge=1, le=100, description="Instances used per instruction at most.")
@@ -29,21 +33,32 @@ class FinetuneParams(BaseModel):
     max_steps: int = Field(default=200, ge=1, le=1_000_000, description="Optimizer steps.")
     lr: float = Field(default=2e-4, gt=0.0, le=1.0, description="Peak learning rate (linear decay).")
     lora_r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: int = Field(default=32, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_alpha: int = Field(
+        default=32, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / r)."
+    )
     lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target_modules: list[str] | Literal["all-linear"] = Field(
         default="all-linear", description="Module names that get adapters; 'all-linear' = every linear layer."
     )
     batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device step.")
-    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024, description="Steps per optimizer update.")
-    max_length: int = Field(default=512, ge=16, le=131_072, description="Tokens per example; longer ones are cut.")
-    seed: int = Field(default=42, description="Seeds data selection, templates, shuffling, the split and training.")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, le=1024, description="Steps per optimizer update."
+    )
+    max_length: int = Field(
+        default=512, ge=16, le=131_072, description="Tokens per example; longer ones are cut."
+    )
+    seed: int = Field(
+        default=42, description="Seeds data selection, templates, shuffling, the split and training."
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024, description="CPU threads for torch; None = torch's default."
     )
-    dry_run: bool = Field(default=False, description="Build the data and write the manifest, but do not train.")
+    dry_run: bool = Field(
+        default=False, description="Build the data and write the manifest, but do not train."
+    )
     vllm_url: str | None = Field(
-        default=None, description="vLLM server (…/v1) with runtime LoRA loading on, to register the adapter with."
+        default=None,
+        description="vLLM server (…/v1) with runtime LoRA loading on, to register the adapter with.",
     )
     vllm_adapter_path: str | None = Field(
         default=None,
@@ -56,17 +71,25 @@ class EvaluateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    store_url: str | None = Field(default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data.")
-    finetune_id: str | None = Field(default=None, description="Fine-tune to evaluate; None = the newest trained one.")
+    store_url: str | None = Field(
+        default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data."
+    )
+    finetune_id: str | None = Field(
+        default=None, description="Fine-tune to evaluate; None = the newest trained one."
+    )
     heldout_path: str | None = Field(default=None, description="Held-out task JSONL; None = the one we ship.")
-    limit: int | None = Field(default=None, ge=1, description="Evaluate the first N held-out tasks; None = all.")
+    limit: int | None = Field(
+        default=None, ge=1, description="Evaluate the first N held-out tasks; None = all."
+    )
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Greedy decoding length per answer.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per generate() call.")
     prompt_format: PromptFormat = Field(
         default="template",
         description="'template': the fine-tuning template named by `template`; 'chat': the tokenizer's chat template.",
     )
-    template: str = Field(default="task_input_output", description="Name of the sft_*.txt template to prompt with.")
+    template: str = Field(
+        default="task_input_output", description="Name of the sft_*.txt template to prompt with."
+    )
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024, description="CPU threads for torch; None = torch's default."
     )
@@ -105,7 +128,9 @@ class FinetuneMetrics(BaseModel):
     train_loss_first: float | None = Field(description="Training loss logged at the first step.")
     train_loss_last: float | None = Field(description="Training loss logged at the last step.")
     train_loss_curve: list[LossPoint] = Field(description="Training loss at every logged step.")
-    eval_loss_before: float | None = Field(description="Validation loss of the base model; None without a split.")
+    eval_loss_before: float | None = Field(
+        description="Validation loss of the base model; None without a split."
+    )
     eval_loss_after: float | None = Field(description="Validation loss after training; None without a split.")
     train_runtime_s: float = Field(ge=0.0)
     device: str = Field(description="'cpu' or the CUDA device name.")
@@ -129,7 +154,9 @@ class FinetuneManifest(BaseModel):
     include_seeds: bool
     seeds_sha256: str | None = Field(description="Checksum of the seed file, when seeds were included.")
     rows: dict[str, int] = Field(description="Rows of the 'train' and 'validation' files.")
-    sha256: dict[str, str] = Field(description="sha256 of the 'train' and 'validation' JSONL files as stored.")
+    sha256: dict[str, str] = Field(
+        description="sha256 of the 'train' and 'validation' JSONL files as stored."
+    )
     export: ExportStats
     base_model: str = Field(description="The base model as given ('embedded' for the shipped GGUF).")
     params: FinetuneParams
@@ -145,7 +172,9 @@ class AnswerScores(BaseModel):
 
     rouge_l_f: float = Field(ge=0.0, le=1.0, description="Mean ROUGE-L F against the references.")
     empty_share: float = Field(ge=0.0, le=1.0, description="Share of answers that are empty.")
-    degenerate_share: float = Field(ge=0.0, le=1.0, description="Share of non-empty answers that repeat themselves.")
+    degenerate_share: float = Field(
+        ge=0.0, le=1.0, description="Share of non-empty answers that repeat themselves."
+    )
     tasks: int = Field(ge=0)
 
 
@@ -172,11 +201,15 @@ class EvaluationResult(BaseModel):
     evaluation_id: str
     finetune_id: str
     created_at: datetime
-    comparison_key: str = Field(description="sha256 of the held-out file and every setting that affects scores.")
+    comparison_key: str = Field(
+        description="sha256 of the held-out file and every setting that affects scores."
+    )
     heldout: str = Field(description="File name of the held-out tasks.")
     heldout_sha256: str
     base_model: str
-    settings: dict[str, str | int | None] = Field(description="limit, max_new_tokens, prompt_format, template.")
+    settings: dict[str, str | int | None] = Field(
+        description="limit, max_new_tokens, prompt_format, template."
+    )
     base: AnswerScores
     finetuned: AnswerScores
     answers: list[TaskAnswers]

@@ -177,13 +177,22 @@ def is_running(managed: ManagedProcess) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
+    """True while a process of group `pgid` runs; zombies (exited, not yet reaped) do not count."""
+    import psutil
+
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+    return False
 
 
 def stop_process_tree(

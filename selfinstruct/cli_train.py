@@ -42,9 +42,13 @@ def export(
     out: Annotated[Path, typer.Argument(help="JSONL file to write.")],
     fmt: Annotated[Format, typer.Option("--format", help="Row format.")] = Format.jsonl,
     rounds: RoundsOption = None,
-    include_seeds: Annotated[bool, typer.Option("--include-seeds", help="Also export the seed tasks.")] = False,
+    include_seeds: Annotated[
+        bool, typer.Option("--include-seeds", help="Also export the seed tasks.")
+    ] = False,
     seeds: Annotated[Path | None, typer.Option(help="Seed tasks JSONL (default: the shipped seeds).")] = None,
-    max_instances: Annotated[int, typer.Option(min=1, max=100, help="Instances per instruction at most.")] = 5,
+    max_instances: Annotated[
+        int, typer.Option(min=1, max=100, help="Instances per instruction at most.")
+    ] = 5,
     seed: Annotated[int, typer.Option(help="Seeds instance sampling, template choice and shuffling.")] = 42,
     store: StoreOption = None,
 ) -> None:
@@ -75,13 +79,18 @@ def export(
 def finetune(
     rounds: RoundsOption = None,
     base_model: Annotated[
-        str | None, typer.Option(help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M).")
+        str | None,
+        typer.Option(help="Hub id, model folder or .gguf file (default: the embedded SmolLM2-135M)."),
     ] = None,
     max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 200,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate.")] = 2e-4,
     batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 8,
-    include_seeds: Annotated[bool, typer.Option("--include-seeds", help="Also train on the seed tasks.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Build the data and manifest; do not train.")] = False,
+    include_seeds: Annotated[
+        bool, typer.Option("--include-seeds", help="Also train on the seed tasks.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Build the data and manifest; do not train.")
+    ] = False,
     store: StoreOption = None,
 ) -> None:
     """Fine-tune a LoRA adapter on committed rounds (the `finetune` flow); prints its losses."""
@@ -130,10 +139,14 @@ def finetune(
 
 
 def evaluate(
-    finetune_id: Annotated[str | None, typer.Option(help="Fine-tune to evaluate (default: the newest trained one).")] = None,
+    finetune_id: Annotated[
+        str | None, typer.Option(help="Fine-tune to evaluate (default: the newest trained one).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate the first N held-out tasks.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy decoding length per answer.")] = 64,
-    heldout: Annotated[Path | None, typer.Option(help="Held-out tasks JSONL (default: the shipped file).")] = None,
+    heldout: Annotated[
+        Path | None, typer.Option(help="Held-out tasks JSONL (default: the shipped file).")
+    ] = None,
     store: StoreOption = None,
 ) -> None:
     """Compare a fine-tune with its base model on held-out tasks (ROUGE-L F; the `evaluate` flow)."""

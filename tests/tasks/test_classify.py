@@ -42,7 +42,9 @@ def test_prompt_has_thirty_worked_examples_twelve_yes() -> None:
 
 
 def test_instruction_braces_are_kept() -> None:
-    assert build_classify_prompt("Format {name} as JSON.").endswith("Task: Format {name} as JSON.\nIs it classification?")
+    assert build_classify_prompt("Format {name} as JSON.").endswith(
+        "Task: Format {name} as JSON.\nIs it classification?"
+    )
 
 
 @pytest.mark.parametrize(
@@ -71,7 +73,9 @@ def test_parse_classification(text: str, expected: bool) -> None:
 
 def test_recorded_prompts_match_the_current_template() -> None:
     for record in recorded("classify"):
-        assert build_classify_prompt(record["instruction"]) == record["prompt"], "re-run tests/tasks/data/record.py"
+        assert build_classify_prompt(record["instruction"]) == record["prompt"], (
+            "re-run tests/tasks/data/record.py"
+        )
 
 
 def test_recorded_answers_parse() -> None:

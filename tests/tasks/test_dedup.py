@@ -52,9 +52,10 @@ def reference_dedup(
 
 # -- instruction-like text -----------------------------------------------------------------------------------
 
-VERBS = "write describe explain summarize classify translate list generate create identify compare rewrite".split()
-NOUNS = "poem story essay email letter tweet recipe plan summary review headline slogan joke riddle".split()
-ADJS = "short long funny formal persuasive detailed brief creative simple technical friendly".split()
+_VERBS = "write describe explain summarize classify translate list generate create identify compare rewrite"
+_NOUNS = "poem story essay email letter tweet recipe plan summary review headline slogan joke riddle"
+_ADJECTIVES = "short long funny formal persuasive detailed brief creative simple technical friendly"
+VERBS, NOUNS, ADJS = _VERBS.split(), _NOUNS.split(), _ADJECTIVES.split()
 TOPICS = ["climate change", "the ocean", "a cat", "Paris", "ancient Rome", "healthy eating", "remote work"]
 TOPICS += ["the solar system", "friendship", "electric cars", "coffee", "space travel", "volcanoes", "music"]
 FORMS = [
@@ -97,7 +98,11 @@ def instructions(seed: int, count: int, duplicate_share: float = 0.3) -> list[st
     rng = random.Random(seed)
     out: list[str] = []
     while len(out) < count:
-        out.append(near_duplicate(rng, rng.choice(out)) if out and rng.random() < duplicate_share else instruction(rng))
+        out.append(
+            near_duplicate(rng, rng.choice(out))
+            if out and rng.random() < duplicate_share
+            else instruction(rng)
+        )
     return out
 
 
@@ -186,14 +191,12 @@ def test_chinese_duplicates_need_the_multilingual_tokenizer() -> None:
 
 
 def test_fmeasure_every_length_up_to_150_is_rouge_scores() -> None:
-    m, n, lcs = np.meshgrid(np.arange(151), np.arange(151), np.arange(151), indexing="ij")
-    valid = lcs <= np.minimum(m, n)
-    m, n, lcs = m[valid], n[valid], lcs[valid]
+    grid_m, grid_n, grid_lcs = np.meshgrid(np.arange(151), np.arange(151), np.arange(151), indexing="ij")
+    valid = grid_lcs <= np.minimum(grid_m, grid_n)
+    m, n, lcs = grid_m[valid], grid_n[valid], grid_lcs[valid]
     ours = rouge_l_fmeasure(lcs, m, n)
-    theirs = [
-        0.0 if not (a and b) else scoring.fmeasure(c / b, c / a)
-        for c, a, b in zip(lcs.tolist(), m.tolist(), n.tolist(), strict=True)
-    ]
+    triples: list[tuple[int, int, int]] = list(zip(lcs.tolist(), m.tolist(), n.tolist(), strict=True))
+    theirs = [0.0 if not (a and b) else scoring.fmeasure(c / b, c / a) for c, a, b in triples]
     assert np.array_equal(ours, np.array(theirs, dtype=np.float64))
     # The argument order never matters: 2*P is exact and * and + commute, in floating point too.
     assert np.array_equal(ours, rouge_l_fmeasure(lcs, n, m))
@@ -219,9 +222,17 @@ def test_every_triple_at_exactly_seven_tenths() -> None:
     triples = [(7 * (m + n) // 20, m, n) for m in lengths for n in lengths if 7 * (m + n) % 20 == 0]
     triples = [(c, a, b) for c, a, b in triples if c <= min(a, b)]
     # Other ratios lie at least 1/3000 away from 7/10, so no other triple can round to 0.7.
-    m, n, lcs = np.meshgrid(lengths, lengths, np.arange(151), indexing="ij")
-    at_threshold = (rouge_l_fmeasure(lcs, m, n) == 0.7) & (lcs <= np.minimum(m, n))
-    assert set(zip(lcs[at_threshold].tolist(), m[at_threshold].tolist(), n[at_threshold].tolist())) <= set(triples)
+    grid_m, grid_n, grid_lcs = np.meshgrid(lengths, lengths, np.arange(151), indexing="ij")
+    at_threshold = (rouge_l_fmeasure(grid_lcs, grid_m, grid_n) == 0.7) & (
+        grid_lcs <= np.minimum(grid_m, grid_n)
+    )
+    found = zip(
+        grid_lcs[at_threshold].tolist(),
+        grid_m[at_threshold].tolist(),
+        grid_n[at_threshold].tolist(),
+        strict=True,
+    )
+    assert set(found) <= set(triples)
     texts = [_texts_with_lcs(i, *triple, rng) for i, triple in enumerate(triples)]
     index = new_index([pool for _, pool in texts])
     decisions = deduplicate([f"c{i}" for i in range(len(texts))], [c for c, _ in texts], index)
@@ -259,7 +270,9 @@ def test_empty_token_lists() -> None:
     assert [as_tuple(d)[:3] for d in decisions] == [(True, 0.0, 0), (False, 1.0, 1), (True, 0.0, 0)]
     assert decisions[0].top_k[:3] == [(0, 0.0), (1, 0.0), (2, 0.0)]  # all zero: lowest positions first
     assert rouge_f("???", "!!!") == 0.0 == rouge_f("write a poem", "")
-    assert_same_as_reference(decisions, reference_dedup(["???", "write a poem", "..."], ["!!!", "Write a poem.", ""]))
+    assert_same_as_reference(
+        decisions, reference_dedup(["???", "write a poem", "..."], ["!!!", "Write a poem.", ""])
+    )
 
 
 def test_empty_pool_and_empty_call() -> None:
@@ -282,7 +295,9 @@ def test_decisions_match_self_instruct_loop(corpus: tuple[list[str], list[str], 
 
 def test_lineage_off_keeps_the_decisions(corpus: tuple[list[str], list[str], list]) -> None:
     pool, candidates, reference = corpus
-    decisions = deduplicate([f"c{i}" for i in range(len(candidates))], candidates, new_index(pool), lineage=False)
+    decisions = deduplicate(
+        [f"c{i}" for i in range(len(candidates))], candidates, new_index(pool), lineage=False
+    )
     assert [(d.keep, d.max_score, d.most_similar) for d in decisions] == [tuple(r[:3]) for r in reference]
     assert all(d.top_k == [] and d.mean_score is None for d in decisions)
 
@@ -325,7 +340,9 @@ def test_blocks_tiles_and_threads_do_not_change_a_bit(
     assert_same_as_reference(sharded, reference, k=5)
 
 
-WORDS = st.sampled_from(["write", "a", "poem", "story", "about", "cats", "the", "sea", "x", "42", "émigré", "猫"])
+WORDS = st.sampled_from(
+    ["write", "a", "poem", "story", "about", "cats", "the", "sea", "x", "42", "émigré", "猫"]
+)
 SEPARATORS = st.sampled_from([" ", ", ", "! ", "?", " - ", "_", "\n", "…", "'"])
 
 
@@ -367,7 +384,10 @@ def test_loaded_index_decides_like_one_built_from_texts(tmp_path: Path) -> None:
         deduplicate([f"r{number}-{i}" for i in range(len(texts_of_round))], texts_of_round, built)
         entries, vocab = built.export(start, vocab_start)
         stored.append(
-            (_round_trip(entries, tmp_path / f"e{number}.parquet"), _round_trip(vocab, tmp_path / f"v{number}.parquet"))
+            (
+                _round_trip(entries, tmp_path / f"e{number}.parquet"),
+                _round_trip(vocab, tmp_path / f"v{number}.parquet"),
+            )
         )
 
     loaded = PoolIndex.empty()
@@ -412,7 +432,9 @@ def test_load_remaps_or_retokenizes_when_vocabularies_differ() -> None:
 def test_export_tables() -> None:
     index = new_index(["Write a poem.", "Write a story!"])
     entries, vocab = index.export(1, 3)
-    assert entries.column("id").to_pylist() == ["p1"] and entries.column("token_ids").to_pylist() == [[0, 1, 3]]
+    assert entries.column("id").to_pylist() == ["p1"] and entries.column("token_ids").to_pylist() == [
+        [0, 1, 3]
+    ]
     assert entries.schema.field("token_ids").type == pa.list_(pa.int32())
     assert vocab.to_pylist() == [{"token": "story", "token_id": 3}]
     assert index.vocab_size == 4

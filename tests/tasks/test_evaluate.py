@@ -41,8 +41,13 @@ HELDOUT = [
 def write_heldout(path: Path) -> Path:
     """A held-out file in the seed schema, one instance per task."""
     lines = [
-        {"id": f"heldout_task_{i}", "name": f"task_{i}", "instruction": instruction,
-         "instances": [{"input": input_text, "output": output}], "is_classification": is_classification}
+        {
+            "id": f"heldout_task_{i}",
+            "name": f"task_{i}",
+            "instruction": instruction,
+            "instances": [{"input": input_text, "output": output}],
+            "is_classification": is_classification,
+        }
         for i, (instruction, input_text, output, is_classification) in enumerate(HELDOUT)
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -92,7 +97,10 @@ def test_prompts_use_the_finetuning_template(tmp_path: Path) -> None:
 def test_comparison_key_covers_settings_not_the_finetune() -> None:
     params = EvaluateParams(finetune_id="ft-a", limit=10)
     key = comparison_key("abc", params)
-    assert comparison_key("abc", params.model_copy(update={"finetune_id": "ft-b", "store_url": "s3://b/x"})) == key
+    assert (
+        comparison_key("abc", params.model_copy(update={"finetune_id": "ft-b", "store_url": "s3://b/x"}))
+        == key
+    )
     assert comparison_key("abc", params.model_copy(update={"max_new_tokens": 32})) != key
     assert comparison_key("abd", params) != key
 
@@ -106,14 +114,24 @@ def store_with_untrained_adapter(root: Path) -> tuple[Store, str]:
     finetune_id = new_finetune_id()
     data: DataSummary = upload_training_data(store, finetune_id, params)
     model, tokenizer = load_base_model(None)
-    adapter = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    adapter = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     folder = root / "adapter"
     adapter.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     files = [f"adapter/{name}" for name in store.put_tree(folder, f"finetunes/{finetune_id}/adapter")]
     metrics = FinetuneMetrics(
-        steps=0, train_loss_first=None, train_loss_last=None, train_loss_curve=[], eval_loss_before=None,
-        eval_loss_after=None, train_runtime_s=0.0, device="cpu", precision="float32", trainable_parameters=0,
+        steps=0,
+        train_loss_first=None,
+        train_loss_last=None,
+        train_loss_curve=[],
+        eval_loss_before=None,
+        eval_loss_after=None,
+        train_runtime_s=0.0,
+        device="cpu",
+        precision="float32",
+        trainable_parameters=0,
     )
     write_manifest(store, params, data, TrainedAdapter(metrics=metrics, files=files))
     return store, finetune_id
@@ -122,8 +140,11 @@ def store_with_untrained_adapter(root: Path) -> tuple[Store, str]:
 def test_evaluation_of_an_identity_adapter_matches_the_base(tmp_path: Path) -> None:
     store, finetune_id = store_with_untrained_adapter(tmp_path)
     params = EvaluateParams(
-        store_url=store.url, heldout_path=str(write_heldout(tmp_path / "heldout.jsonl")), max_new_tokens=12,
-        batch_size=3, torch_threads=1,
+        store_url=store.url,
+        heldout_path=str(write_heldout(tmp_path / "heldout.jsonl")),
+        max_new_tokens=12,
+        batch_size=3,
+        torch_threads=1,
     )
     assert resolve_finetune_task.fn(params) == finetune_id
     lines: list[str] = []
@@ -136,11 +157,20 @@ def test_evaluation_of_an_identity_adapter_matches_the_base(tmp_path: Path) -> N
     assert result.base == result.finetuned and result.base.tasks == 4
     assert any(a.base for a in result.answers)  # the model does answer something
     for answer in result.answers:
-        assert answer.base_rouge_l_f == rouge_l_f([answer.base], [answer.reference])[0]
+        assert answer.base_rouge_l_f == pytest.approx(
+            rouge_l_f([answer.base], [answer.reference])[0], abs=1e-6
+        )
     assert result.created_at >= started and result.heldout == "heldout.jsonl"
-    assert result.settings == {"limit": None, "max_new_tokens": 12, "prompt_format": "template", "template": "task_input_output"}
+    assert result.settings == {
+        "limit": None,
+        "max_new_tokens": 12,
+        "prompt_format": "template",
+        "template": "task_input_output",
+    }
 
-    stored = EvaluationResult.model_validate_json(store.get_bytes(f"evaluations/{result.evaluation_id}/result.json"))
+    stored = EvaluationResult.model_validate_json(
+        store.get_bytes(f"evaluations/{result.evaluation_id}/result.json")
+    )
     assert stored == result
     assert result.evaluation_id.startswith(f"{finetune_id}--")
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from schemas import BootstrapConfig, InstanceRecord, InstructionRecord, RoundManifest, SamplingParams, SeedTask
+from schemas import (
+    BootstrapConfig,
+    InstanceRecord,
+    InstructionRecord,
+    RoundManifest,
+    SamplingParams,
+    SeedTask,
+)
 from tasks.export import (
     ExportError,
     TemplateError,
@@ -27,11 +34,19 @@ from tasks.store import Store, records_to_table
 TASKS: list[tuple[str, bool, list[tuple[str, str]]]] = [
     ("Give the plural of the noun.", False, [("mouse", "mice"), ("child", "children"), ("leaf", "leaves")]),
     ("Is the number even or odd?", True, [("14", "even"), ("9", "odd"), ("0", "even")]),
-    ("Name the color you get by mixing the two colors.", False, [("blue and yellow", "green"), ("red and white", "pink")]),
+    (
+        "Name the color you get by mixing the two colors.",
+        False,
+        [("blue and yellow", "green"), ("red and white", "pink")],
+    ),
     ("Write the opposite of the adjective.", False, [("hot", "cold"), ("early", "late"), ("full", "empty")]),
     ("Suggest a name for a bakery.", False, [("", "The Rolling Pin")]),
     ("Translate the number into English words.", False, [("12", "twelve"), ("40", "forty")]),
-    ("Classify the animal as mammal, bird or fish.", True, [("sparrow", "bird"), ("salmon", "fish"), ("goat", "mammal")]),
+    (
+        "Classify the animal as mammal, bird or fish.",
+        True,
+        [("sparrow", "bird"), ("salmon", "fish"), ("goat", "mammal")],
+    ),
     ("Give the capital city of the country.", False, [("Japan", "Tokyo"), ("Italy", "Rome")]),
     ("Count the vowels in the word.", False, [("banana", "3"), ("sky", "0")]),
     ("Say whether the sentence is a question or a statement.", True, [("Where is the station?", "question")]),
@@ -59,7 +74,9 @@ def instruction_record(round_number: int, n: int, text: str, is_classification: 
     )
 
 
-def write_round(store: Store, tasks: Sequence[tuple[str, bool, list[tuple[str, str]]]], run_id: str = "test") -> int:
+def write_round(
+    store: Store, tasks: Sequence[tuple[str, bool, list[tuple[str, str]]]], run_id: str = "test"
+) -> int:
     """Commit one round holding `tasks` through the real store API; returns its number."""
     number = store.claim_next_round(run_id)
     instructions, instances = [], []
@@ -67,11 +84,15 @@ def write_round(store: Store, tasks: Sequence[tuple[str, bool, list[tuple[str, s
         record = instruction_record(number, n, text, is_classification)
         instructions.append(record)
         instances += [
-            InstanceRecord(instruction_id=record.id, round=number, index=k, input=i, output=o, request_key="k")
+            InstanceRecord(
+                instruction_id=record.id, round=number, index=k, input=i, output=o, request_key="k"
+            )
             for k, (i, o) in enumerate(pairs)
         ]
     files = {
-        "instructions.parquet": store.write_table(number, "instructions", records_to_table(instructions, "instructions")),
+        "instructions.parquet": store.write_table(
+            number, "instructions", records_to_table(instructions, "instructions")
+        ),
         "instances.parquet": store.write_table(number, "instances", records_to_table(instances, "instances")),
     }
     store.commit(
@@ -101,10 +122,20 @@ def two_round_store(root: Path) -> Store:
 def write_seed_file(path: Path) -> Path:
     """A two-task seed file; its second task duplicates an instance of round 1."""
     lines = [
-        {"id": "seed_task_0", "name": "shout", "instruction": "Rewrite the sentence in capital letters.",
-         "instances": [{"input": "good morning", "output": "GOOD MORNING"}], "is_classification": False},
-        {"id": "seed_task_1", "name": "plural", "instruction": "Give the plural of the noun.",
-         "instances": [{"input": "mouse", "output": "mice"}], "is_classification": False},
+        {
+            "id": "seed_task_0",
+            "name": "shout",
+            "instruction": "Rewrite the sentence in capital letters.",
+            "instances": [{"input": "good morning", "output": "GOOD MORNING"}],
+            "is_classification": False,
+        },
+        {
+            "id": "seed_task_1",
+            "name": "plural",
+            "instruction": "Give the plural of the noun.",
+            "instances": [{"input": "mouse", "output": "mice"}],
+            "is_classification": False,
+        },
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
@@ -117,7 +148,9 @@ def test_templates_render_exact_prompts() -> None:
     templates = {t.name: t for t in load_templates()}
     assert len(templates) >= 4
     task_io = templates["task_input_output"]
-    assert task_io.render("Add the numbers.", "2 and 3") == "Task: Add the numbers.\nInput: 2 and 3\nOutput:\n"
+    assert (
+        task_io.render("Add the numbers.", "2 and 3") == "Task: Add the numbers.\nInput: 2 and 3\nOutput:\n"
+    )
     assert task_io.render("Name a fruit.", "") == "Task: Name a fruit.\nOutput:\n"
     assert templates["bare"].render("Add the numbers.", "2 and 3") == "Add the numbers.\n\n2 and 3\n"
     assert templates["headings"].render("Name a fruit.", "") == "Instruction:\nName a fruit.\n\nResponse:\n"
@@ -127,21 +160,35 @@ def test_templates_render_exact_prompts() -> None:
 
 def test_braces_in_the_data_are_left_alone() -> None:
     template = template_by_name("task_input_output")
-    assert template.render("Fill {input} in", "{instruction}") == "Task: Fill {input} in\nInput: {instruction}\nOutput:\n"
+    assert (
+        template.render("Fill {input} in", "{instruction}")
+        == "Task: Fill {input} in\nInput: {instruction}\nOutput:\n"
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("Task: {instruction}\n<<<with input>>>\n{instruction} {input}\n<<<without input>>>\n{instruction}\n", "before the first"),
-        ("<<<with input>>>\n{instruction}\n<<<without input>>>\n{instruction}\n", "needs {instruction} and {input}"),
-        ("<<<with input>>>\n{instruction} {input}\n<<<without input>>>\n{instruction} {input}\n", "no {input}"),
+        (
+            "Task: {instruction}\n<<<with input>>>\n{instruction} {input}\n<<<without input>>>\n{instruction}\n",
+            "before the first",
+        ),
+        (
+            "<<<with input>>>\n{instruction}\n<<<without input>>>\n{instruction}\n",
+            "needs {instruction} and {input}",
+        ),
+        (
+            "<<<with input>>>\n{instruction} {input}\n<<<without input>>>\n{instruction} {input}\n",
+            "no {input}",
+        ),
         ("<<<with input>>>\n{instruction} {input}\n", "missing section <<<without input>>>"),
         ("<<<with input>>>\n{instruction} {input}\n\n<<<without input>>>\n{instruction}\n", "non-empty line"),
     ],
 )
 def test_malformed_templates_are_rejected(text: str, message: str) -> None:
-    with pytest.raises(TemplateError, match="template broken: .*" + message.replace("{", r"\{").replace("}", r"\}")):
+    with pytest.raises(
+        TemplateError, match="template broken: .*" + message.replace("{", r"\{").replace("}", r"\}")
+    ):
         parse_template("broken", text)
 
 
@@ -168,7 +215,11 @@ def test_select_rounds_specs() -> None:
 def test_examples_are_capped_deduplicated_and_shuffled_reproducibly(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "store"))
     noisy = [
-        ("Give the plural of the noun.", False, [("mouse", "mice"), ("Mouse ", " mice"), ("leaf", "leaves"), ("ox", "oxen")]),
+        (
+            "Give the plural of the noun.",
+            False,
+            [("mouse", "mice"), ("Mouse ", " mice"), ("leaf", "leaves"), ("ox", "oxen")],
+        ),
         ("Suggest a name for a bakery.", False, [("", "The Rolling Pin"), ("", "  ")]),
     ]
     write_round(store, noisy)
@@ -187,14 +238,21 @@ def test_examples_are_capped_deduplicated_and_shuffled_reproducibly(tmp_path: Pa
     assert capped_stats.over_cap == 2
     again, _ = prepare_examples(instructions, instances, None, max_instances=2, seed=1)
     assert again == capped
-    orders = {tuple(e.id for e in prepare_examples(instructions, instances, None, 5, seed)[0]) for seed in range(6)}
+    orders = {
+        tuple(e.id for e in prepare_examples(instructions, instances, None, 5, seed)[0]) for seed in range(6)
+    }
     assert len(orders) > 1  # the seed changes the order
 
 
 def test_seeds_come_first_in_dedup_and_have_round_zero(tmp_path: Path) -> None:
     store = two_round_store(tmp_path / "store")
-    seeds = [SeedTask.model_validate(json.loads(line)) for line in write_seed_file(tmp_path / "s.jsonl").read_text().splitlines()]
-    examples, stats = prepare_examples(store.read_committed("instructions"), store.read_committed("instances"), seeds, 5, 0)
+    seeds = [
+        SeedTask.model_validate(json.loads(line))
+        for line in write_seed_file(tmp_path / "s.jsonl").read_text().splitlines()
+    ]
+    examples, stats = prepare_examples(
+        store.read_committed("instructions"), store.read_committed("instances"), seeds, 5, 0
+    )
     assert stats.duplicates == 1
     assert stats.rows_per_source["seeds"] == 2
     assert {e.id for e in examples if e.round == 0} == {"seed_task_0#0", "seed_task_1#0"}
@@ -203,7 +261,9 @@ def test_seeds_come_first_in_dedup_and_have_round_zero(tmp_path: Path) -> None:
 
 def test_split_keeps_each_instruction_on_one_side(tmp_path: Path) -> None:
     store = two_round_store(tmp_path / "store")
-    examples, _ = prepare_examples(store.read_committed("instructions"), store.read_committed("instances"), None, 5, 3)
+    examples, _ = prepare_examples(
+        store.read_committed("instructions"), store.read_committed("instances"), None, 5, 3
+    )
     train, validation = split_by_instruction(examples, 0.2, seed=3)
     assert len(train) + len(validation) == len(examples)
     assert validation and not {e.instruction for e in train} & {e.instruction for e in validation}
@@ -212,16 +272,25 @@ def test_split_keeps_each_instruction_on_one_side(tmp_path: Path) -> None:
 
 def test_sft_rows_use_every_template_and_the_choice_is_stable(tmp_path: Path) -> None:
     store = two_round_store(tmp_path / "store")
-    examples, _ = prepare_examples(store.read_committed("instructions"), store.read_committed("instances"), None, 5, 0)
+    examples, _ = prepare_examples(
+        store.read_committed("instructions"), store.read_committed("instances"), None, 5, 0
+    )
     rows = to_rows(examples, "sft", seed=0)
     assert all(set(row) == {"prompt", "completion"} for row in rows)
     by_output = {row["completion"]: row["prompt"] for row in rows}
     assert by_output["mice"] in {t.render("Give the plural of the noun.", "mouse") for t in load_templates()}
-    used = {t.name for e in examples for t in load_templates() if t.render(e.instruction, e.input) in {r["prompt"] for r in rows}}
+    used = {
+        t.name
+        for e in examples
+        for t in load_templates()
+        if t.render(e.instruction, e.input) in {r["prompt"] for r in rows}
+    }
     assert len(used) >= 3
     # The template of an example depends on the seed and its id only, not on which other rounds are exported.
     only_round_1 = [e for e in examples if e.round == 1]
-    assert to_rows(only_round_1, "sft", seed=0) == [r for r, e in zip(rows, examples, strict=True) if e.round == 1]
+    assert to_rows(only_round_1, "sft", seed=0) == [
+        r for r, e in zip(rows, examples, strict=True) if e.round == 1
+    ]
 
 
 # -- writing and loading --------------------------------------------------------------------------------
@@ -240,7 +309,9 @@ def test_export_round_trips_through_datasets(tmp_path: Path, fmt: str, columns: 
 
     store = two_round_store(tmp_path / "store")
     out = tmp_path / "out" / f"{fmt}.jsonl"
-    result = write_export(store, out, fmt, rounds="1:2", include_seeds=True, seeds_path=write_seed_file(tmp_path / "s.jsonl"))  # type: ignore[arg-type]
+    result = write_export(
+        store, out, fmt, rounds="1:2", include_seeds=True, seeds_path=write_seed_file(tmp_path / "s.jsonl")
+    )  # type: ignore[arg-type]
     loaded = datasets.load_dataset("json", data_files=str(out), split="train")
     assert set(loaded.column_names) == columns
     assert loaded.num_rows == result.rows == result.stats.rows == 26
@@ -272,13 +343,27 @@ def test_export_cli(tmp_path: Path) -> None:
     out = tmp_path / "alpaca.jsonl"
     runner = CliRunner()
     result = runner.invoke(
-        app, ["export", "--format", "alpaca", "--rounds", "2", "--max-instances", "1", "--store", store.url, str(out)]
+        app,
+        [
+            "export",
+            "--format",
+            "alpaca",
+            "--rounds",
+            "2",
+            "--max-instances",
+            "1",
+            "--store",
+            store.url,
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 6
     assert "6 rows" in result.output
 
-    failed = runner.invoke(app, ["export", "--format", "sft", "--store", str(tmp_path / "none"), str(tmp_path / "n.jsonl")])
+    failed = runner.invoke(
+        app, ["export", "--format", "sft", "--store", str(tmp_path / "none"), str(tmp_path / "n.jsonl")]
+    )
     assert failed.exit_code != 0
     assert "no committed rounds" in failed.output
     assert not (tmp_path / "n.jsonl").exists()

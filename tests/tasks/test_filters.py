@@ -46,7 +46,10 @@ def check(text: str) -> tuple[bool, str | None]:
         ("Explain how a file-based database works.", (False, "blacklist:file")),
         ("Write a program that prints the primes.", (False, "write_a_program")),
         ("write a program to add two numbers", (False, "write_a_program")),
-        ("Write a programmer's job ad in two lines.", (False, "write_a_program")),  # prefix match, as intended
+        (
+            "Write a programmer's job ad in two lines.",
+            (False, "write_a_program"),
+        ),  # prefix match, as intended
         ('"Quote" the sentence below back to me.', (False, "starts_with_punctuation")),
         ("- List five fruits that are red.", (False, "starts_with_punctuation")),
         ("¿Cómo se dice hello en español?", (False, "non_ascii_start")),
@@ -64,7 +67,10 @@ def test_first_failure_wins_in_the_documented_order() -> None:
     # Blacklisted AND a program AND ...: the blacklist comes before "Write a program".
     assert check("Write a program that reads a file line by line.") == (False, "blacklist:file")
     # Blacklist order follows the configured tuple, not the position in the text.
-    assert check_blacklist("Plot a graph of the image", ("plot", "image", "graph")) == (False, "blacklist:plot")
+    assert check_blacklist("Plot a graph of the image", ("plot", "image", "graph")) == (
+        False,
+        "blacklist:plot",
+    )
     assert check_blacklist("Plot a graph of the image", ("image", "plot")) == (False, "blacklist:image")
 
 
@@ -186,7 +192,8 @@ def test_a_conflict_beyond_the_limit_still_counts() -> None:
 
 
 pair_strategy = st.tuples(
-    st.sampled_from(["", "a", "b", "a:", " a ", "x" * 30]), st.sampled_from(["", "1", "2", "a", "end:", "y" * 30])
+    st.sampled_from(["", "a", "b", "a:", " a ", "x" * 30]),
+    st.sampled_from(["", "1", "2", "a", "end:", "y" * 30]),
 )
 
 

@@ -58,7 +58,10 @@ def test_base_model_specs(tmp_path: Path) -> None:
     assert resolve_base_model(str(single)).gguf_file == "model.Q8_0.gguf"
     (single / "config.json").write_text("{}")
     assert resolve_base_model(str(single)).gguf_file is None  # a transformers folder wins
-    assert resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instruct").location == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (
+        resolve_base_model("HuggingFaceTB/SmolLM2-135M-Instruct").location
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
     with pytest.raises(FinetuneError, match="no such file or folder"):
         resolve_base_model(str(tmp_path / "missing.gguf"))
 
@@ -89,7 +92,9 @@ def test_every_template_prompt_is_a_token_prefix_of_prompt_plus_answer() -> None
     for template in load_templates():
         for prompt in (template.render("Name the capital.", "France"), template.render("Name a fruit.", "")):
             alone = tokenizer(prompt)["input_ids"]
-            assert tokenizer(prompt + "Paris is the answer")["input_ids"][: len(alone)] == alone, template.name
+            assert tokenizer(prompt + "Paris is the answer")["input_ids"][: len(alone)] == alone, (
+                template.name
+            )
 
 
 @pytest.fixture(scope="module")
@@ -123,12 +128,21 @@ def test_fine_tune_is_recorded_in_the_store(trained: tuple[Store, FinetuneManife
     assert manifest.rows["train"] + manifest.rows["validation"] == 25
     train = store.get_bytes(f"{base}/data/train.jsonl")
     assert manifest.sha256["train"] == hashlib.sha256(train).hexdigest()
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
-                 "training_config.json", "metrics.json", "data/validation.jsonl"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/tokenizer.json",
+        "training_config.json",
+        "metrics.json",
+        "data/validation.jsonl",
+    ):
         assert name in manifest.files and store.exists(f"{base}/{name}"), name
     assert not store.exists(f"{base}/adapter/training_args.bin")
     assert json.loads(store.get_bytes(f"{base}/adapter/adapter_config.json"))["r"] == 8
-    assert json.loads(store.get_bytes(f"{base}/metrics.json"))["eval_loss_after"] == manifest.metrics.eval_loss_after  # type: ignore[union-attr]
+    assert (
+        json.loads(store.get_bytes(f"{base}/metrics.json"))["eval_loss_after"]
+        == manifest.metrics.eval_loss_after
+    )  # type: ignore[union-attr]
     assert read_finetune_manifest(store, manifest.finetune_id) == manifest
     assert trained_rounds(json.loads(store.get_bytes(f"{base}/manifest.json"))) == [1, 2]
 

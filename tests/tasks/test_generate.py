@@ -66,7 +66,7 @@ def test_same_seed_same_choice_and_rng_may_be_positional() -> None:
 
 def test_order_is_shuffled() -> None:
     rng = random.Random(1)
-    positions = set()
+    positions: set[int] = set()
     for _ in range(50):
         chosen = sample_in_context(SEEDS, MACHINE, 8, 2, rng=rng)
         positions.update(n for n, (i, _) in enumerate(chosen) if i.startswith("machine_"))
@@ -140,7 +140,9 @@ def test_every_recorded_completion_parses() -> None:
 
 
 def test_recorded_list_is_split_on_numbers() -> None:
-    record = next(r for r in recorded("instructions") if r["text"].count("\n1") >= 6 and r["finish_reason"] == "stop")
+    record = next(
+        r for r in recorded("instructions") if r["text"].count("\n1") >= 6 and r["finish_reason"] == "stop"
+    )
     items = parse_instructions(record["text"], 9, "stop")
     numbered = re.findall(r"^(\d+)\. ", record["text"], re.MULTILINE)
     assert len(items) == len(numbered) + 1
@@ -164,13 +166,29 @@ def test_recorded_text_after_the_list_is_ignored() -> None:
         assert all(item in head for item in items)
 
 
+def test_recorded_examples_exact() -> None:
+    records = recorded("instructions")
+    cut = next(r for r in records if r["finish_reason"] == "length")
+    # "10. Solve the following equation: 1 + 1 + 1 ..." ran into the token limit and is dropped.
+    assert parse_instructions(cut["text"], 9, "length") == ["Find the missing number in the number line."]
+    junk = next(r for r in records if "P.S." in r["text"])
+    assert parse_instructions(junk["text"], 9, junk["finish_reason"]) == [
+        "Provide a healthy recipe for a vegan breakfast.",
+        "Make a homemade recipe that uses a microwave oven.",
+    ]
+
+
 # -- parse_instructions edge cases -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("text", "finish_reason", "expected"),
     [
-        (" Name a fruit.\n10. Name a color.\n11. Name a city.", "stop", ["Name a fruit.", "Name a color.", "Name a city."]),
+        (
+            " Name a fruit.\n10. Name a color.\n11. Name a city.",
+            "stop",
+            ["Name a fruit.", "Name a color.", "Name a city."],
+        ),
         (" Name a fruit.\n10. Name a color.\n11. Name a ci", "length", ["Name a fruit.", "Name a color."]),
         (" Name a fruit.", "length", []),
         ("", "stop", []),
@@ -192,7 +210,11 @@ def test_recorded_text_after_the_list_is_ignored() -> None:
         # leading blank lines before anything are skipped
         ("\n\n10. B.\n11. C.", "stop", ["B.", "C."]),
         # decimals and times are not item numbers
-        (" Convert\n3.5 cups to ml.\n10. Meet at\n10:30 today.", "stop", ["Convert\n3.5 cups to ml.", "Meet at\n10:30 today."]),
+        (
+            " Convert\n3.5 cups to ml.\n10. Meet at\n10:30 today.",
+            "stop",
+            ["Convert\n3.5 cups to ml.", "Meet at\n10:30 today."],
+        ),
         # Windows line ends
         (" A.\r\n10. B.\r\n", "stop", ["A.", "B."]),
         # a cut right after the next number leaves the previous items whole
@@ -214,7 +236,9 @@ list_like = st.lists(
 ).map("\n".join)
 
 
-@given(st.one_of(st.text(), list_like), st.integers(-5, 10_000), st.sampled_from([None, "stop", "length", ""]))
+@given(
+    st.one_of(st.text(), list_like), st.integers(-5, 10_000), st.sampled_from([None, "stop", "length", ""])
+)
 def test_parse_instructions_never_raises(text: str, first_number: int, finish_reason: str | None) -> None:
     items = parse_instructions(text, first_number, finish_reason)
     assert isinstance(items, list)

@@ -23,7 +23,9 @@ def recorded(name: str) -> list[dict[str, Any]]:
 
 
 def test_input_first_prompt_matches_the_golden_file() -> None:
-    prompt = build_instance_prompt("Give the opposite of the adjective.", is_classification=False, max_instances=5)
+    prompt = build_instance_prompt(
+        "Give the opposite of the adjective.", is_classification=False, max_instances=5
+    )
     assert prompt == (DATA / "expected_instances_input_first_prompt.txt").read_text(encoding="utf-8")
 
 
@@ -73,7 +75,9 @@ def test_the_worked_examples_parse_back() -> None:
         ("", "The clouds grew heavy, dark and gray,\nthen rain came down and washed the dust away.")
     ]
     prompt = build_instance_prompt("x", True)
-    animals = prompt.split("Task: Classify the animal as a mammal, a bird, a reptile or a fish.\n")[1].split("\n\n")[0]
+    animals = prompt.split("Task: Classify the animal as a mammal, a bird, a reptile or a fish.\n")[1].split(
+        "\n\n"
+    )[0]
     assert parse_instances(animals, True, "stop") == [
         ("dolphin", "Mammal"),
         ("penguin", "Bird"),
@@ -90,7 +94,9 @@ def test_recorded_prompts_match_the_current_template(name: str) -> None:
     records = recorded(name)
     assert len(records) >= 10
     for record in records:
-        prompt = build_instance_prompt(record["instruction"], record["is_classification"], record["max_instances"])
+        prompt = build_instance_prompt(
+            record["instruction"], record["is_classification"], record["max_instances"]
+        )
         assert prompt == record["prompt"], "re-run tests/tasks/data/record.py"
 
 
@@ -105,32 +111,105 @@ def test_recorded_completions_parse_into_fields_found_in_the_text(name: str) -> 
         filter_instances(pairs, 5, 2000)
 
 
+def parsed(name: str, instruction: str) -> list[tuple[str, str]]:
+    record = next(r for r in recorded(name) if r["instruction"] == instruction)
+    return parse_instances(record["text"], record["is_classification"], record["finish_reason"])
+
+
+def test_recorded_input_first_examples() -> None:
+    # Three examples, the last a repeat: the filter drops it.
+    plural = parsed("instances_input_first", "Give the plural form of the noun.")
+    assert plural == [
+        ("The dog is a big dog.", "dogs"),
+        ("The cat is a cat.", "cats"),
+        ("The cat is a cat.", "cats"),
+    ]
+    assert filter_instances(plural, 5, 2000)[1] == [("The cat is a cat.", "cats", "duplicate")]
+    # The model wrote the answer without "Output:" first, then again with it.
+    assert parsed("instances_input_first", "Rewrite the sentence below in the passive voice.") == [
+        ("", "The ball was thrown by John.")
+    ]
+    # A haiku with no markers at all, and an Input repeated until the length limit: nothing usable.
+    assert parsed("instances_input_first", "Write a haiku about a quiet morning.") == []
+    assert parsed("instances_input_first", "Summarize the paragraph in one sentence.") == []
+    # "Output:" repeated until the length limit: many empty outputs, all rejected by the filter.
+    empty = parsed(
+        "instances_input_first", "List four things a person should pack for a weekend hiking trip."
+    )
+    assert len(empty) > 50 and set(empty) == {("", "")}
+    assert filter_instances(empty, 5, 2000)[0] == []
+    title = parsed("instances_input_first", "Suggest a title for the short story.")
+    assert filter_instances(title, 5, 2000)[1][0][2] == "input_equals_output"
+
+
+def test_recorded_output_first_examples() -> None:
+    # The last label came without an input, as the model often ends: it is dropped.
+    assert parsed(
+        "instances_output_first", "Identify the language of the sentence: English, French or Spanish."
+    ) == [
+        ("The cat is a cat.", "English"),
+        ("The cat is a dog.", "French"),
+    ]
+    # One input under two labels: the filter rejects the whole task.
+    sign = parsed("instances_output_first", "Tell whether the given number is positive, negative or zero.")
+    assert sign == [("10", "Positive"), ("10", "Negative")]
+    assert filter_instances(sign, 5, 2000) == ([], [(i, o, "conflicting_outputs") for i, o in sign])
+    # With presence penalty 1.5 the model switches to "Output:" lines, which this format ignores.
+    assert parsed(
+        "instances_output_first", "Pick the season described: spring, summer, autumn or winter."
+    ) == [("", "Spring")]
+    assert parsed("instances_output_first", "Label the weather description as sunny, rainy or snowy.") == [
+        ("Rainy", "Sunny")
+    ]
+
+
 # -- edge cases --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("text", "finish_reason", "expected"),
     [
-        ("Example 1\nInput: 3, 1, 2\nOutput: 1, 2, 3\nExample 2\nInput: 9, 8\nOutput: 8, 9\n\n", "stop",
-         [("3, 1, 2", "1, 2, 3"), ("9, 8", "8, 9")]),
+        (
+            "Example 1\nInput: 3, 1, 2\nOutput: 1, 2, 3\nExample 2\nInput: 9, 8\nOutput: 8, 9\n\n",
+            "stop",
+            [("3, 1, 2", "1, 2, 3"), ("9, 8", "8, 9")],
+        ),
         # no header for the first example, blank lines between examples, any case, extra spaces
         ("input:  a\nOUTPUT :b\n\n\nExample 2\nInput: c\nOutput: d", "stop", [("a", "b"), ("c", "d")]),
         # tasks without input: empty Input, "None", "N/A", "<noinput>", or no Input line
-        ("Example 1\nInput:\nOutput: Bubbles\nExample 2\nInput: None\nOutput: Fin\nExample 3\nInput: N/A.\nOutput: Koi\n"
-         "Example 4\nInput: <noinput>\nOutput: Goldie\nExample 5\nOutput: Nemo", "stop",
-         [("", "Bubbles"), ("", "Fin"), ("", "Koi"), ("", "Goldie"), ("", "Nemo")]),
+        (
+            "Example 1\nInput:\nOutput: Bubbles\nExample 2\nInput: None\nOutput: Fin\n"
+            "Example 3\nInput: N/A.\nOutput: Koi\n"
+            "Example 4\nInput: <noinput>\nOutput: Goldie\nExample 5\nOutput: Nemo",
+            "stop",
+            [("", "Bubbles"), ("", "Fin"), ("", "Koi"), ("", "Goldie"), ("", "Nemo")],
+        ),
         # multi-line fields
-        ("Example 1\nInput: line one\nline two\nOutput: first\nsecond\nExample 2\nInput: x\nOutput: y", "stop",
-         [("line one\nline two", "first\nsecond"), ("x", "y")]),
+        (
+            "Example 1\nInput: line one\nline two\nOutput: first\nsecond\nExample 2\nInput: x\nOutput: y",
+            "stop",
+            [("line one\nline two", "first\nsecond"), ("x", "y")],
+        ),
         # a field's value may start on the next line, even after a blank line
         ("Example 1\nInput:\nThe text.\nOutput:\n\nThe summary.", "stop", [("The text.", "The summary.")]),
         # text after a blank line that is not a marker is commentary
-        ("Example 1\nInput: a\nOutput: b\n\nIn this task you will learn about b.\nOutput: c", "stop", [("a", "b")]),
+        (
+            "Example 1\nInput: a\nOutput: b\n\nIn this task you will learn about b.\nOutput: c",
+            "stop",
+            [("a", "b")],
+        ),
         # an example without an Output is dropped; a second Input replaces the first
-        ("Example 1\nThe answer is 4.\nExample 2\nInput: a\nInput: b\nOutput: c\nExample 3\nInput: d", "stop",
-         [("b", "c")]),
+        (
+            "Example 1\nThe answer is 4.\nExample 2\nInput: a\nInput: b\nOutput: c\nExample 3\nInput: d",
+            "stop",
+            [("b", "c")],
+        ),
         # repeated Outputs are separate instances without input
-        ("Example 1\nOutput: words\nOutput: words\nOutput:", "stop", [("", "words"), ("", "words"), ("", "")]),
+        (
+            "Example 1\nOutput: words\nOutput: words\nOutput:",
+            "stop",
+            [("", "words"), ("", "words"), ("", "")],
+        ),
         # "Example 1: Input: ..." on one line
         ("Example 1: Input: a\nOutput: b\nExample 2. Output: c", "stop", [("a", "b"), ("", "c")]),
         # class labels mean nothing to an input-first parse
@@ -149,20 +228,38 @@ def test_parse_input_first(text: str, finish_reason: str | None, expected: list[
 @pytest.mark.parametrize(
     ("text", "finish_reason", "expected"),
     [
-        ("Class label: Positive\nInput: Great food.\nClass label: Negative\nInput: Cold soup.\n\n", "stop",
-         [("Great food.", "Positive"), ("Cold soup.", "Negative")]),
+        (
+            "Class label: Positive\nInput: Great food.\nClass label: Negative\nInput: Cold soup.\n\n",
+            "stop",
+            [("Great food.", "Positive"), ("Cold soup.", "Negative")],
+        ),
         # a last label without input is dropped when other labels have inputs
-        ("Class label: English\nInput: The cat.\nClass label: French\nInput: Le chat.\nClass label: Spanish\n\n", "stop",
-         [("The cat.", "English"), ("Le chat.", "French")]),
+        (
+            "Class label: English\nInput: The cat.\n"
+            "Class label: French\nInput: Le chat.\nClass label: Spanish\n\n",
+            "stop",
+            [("The cat.", "English"), ("Le chat.", "French")],
+        ),
         # ...but kept with an empty input when no label has one (a task without input)
         ("Class label: Heads\nClass label: Tails", "stop", [("", "Heads"), ("", "Tails")]),
         # several inputs under one label
-        ("Class label: Even\nInput: 2\nInput: 4\nClass label: Odd\nInput: 3", "stop", [("2", "Even"), ("4", "Even"), ("3", "Odd")]),
+        (
+            "Class label: Even\nInput: 2\nInput: 4\nClass label: Odd\nInput: 3",
+            "stop",
+            [("2", "Even"), ("4", "Even"), ("3", "Odd")],
+        ),
         # Output lines are not part of this format; inputs before any label are orphans
-        ("Input: orphan\nClass label: Yes\nOutput: No\nInput: It is raining.\n", "stop", [("It is raining.", "Yes")]),
+        (
+            "Input: orphan\nClass label: Yes\nOutput: No\nInput: It is raining.\n",
+            "stop",
+            [("It is raining.", "Yes")],
+        ),
         # "Label:" and case variants, multi-line input
-        ("label: spam\ninput: WIN A PRIZE\nclick here\nCLASS LABEL: ham\nINPUT: see you at 5", "stop",
-         [("WIN A PRIZE\nclick here", "spam"), ("see you at 5", "ham")]),
+        (
+            "label: spam\ninput: WIN A PRIZE\nclick here\nCLASS LABEL: ham\nINPUT: see you at 5",
+            "stop",
+            [("WIN A PRIZE\nclick here", "spam"), ("see you at 5", "ham")],
+        ),
         # the "None" input of a labelled example means no input
         ("Class label: A\nInput: None\nClass label: B\nInput: b", "stop", [("", "A"), ("b", "B")]),
         # a length cut drops the last (input, label) pair
@@ -182,10 +279,12 @@ def test_parse_output_first(text: str, finish_reason: str | None, expected: list
 marker_lines = st.lists(
     st.one_of(
         st.text(max_size=30),
-        st.sampled_from(["", " ", "Example 1", "Example 12:", "Input:", "Output:", "Class label:", "Label:", "None"]),
-        st.tuples(st.sampled_from(["Input: ", "Output: ", "Class label: ", "Example 3 "]), st.text(max_size=20)).map(
-            "".join
+        st.sampled_from(
+            ["", " ", "Example 1", "Example 12:", "Input:", "Output:", "Class label:", "Label:", "None"]
         ),
+        st.tuples(
+            st.sampled_from(["Input: ", "Output: ", "Class label: ", "Example 3 "]), st.text(max_size=20)
+        ).map("".join),
     ),
     max_size=15,
 ).map("\n".join)
