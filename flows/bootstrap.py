@@ -41,28 +41,45 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
     logger = get_run_logger()
     run_id = str(flow_run.id or uuid.uuid4())
     ctx = open_round(params.store_url or settings.store_url, params.seeds_path, config, settings, run_id)
-    logger.info("round %d of %s: pool of %d instructions", ctx.number, redact_url(ctx.store.url), ctx.pool.size)
+    logger.info(
+        "round %d of %s: pool of %d instructions", ctx.number, redact_url(ctx.store.url), ctx.pool.size
+    )
     cache = StoreCompletionCache(ctx.store, ctx.number)
     progress = ProgressArtifact(f"Round {ctx.number} generation")
 
     with llm_endpoints(params.llm_urls, settings) as urls:
         plans = plan_instruction_prompts_task(ctx.pool, config, ctx.number)
         new = generate_in_tasks(
-            instruction_requests(plans, config, ctx.number), config.instruction_sampling, settings, urls, cache,
-            on_progress=progress.callback("instructions"), model=ctx.model,
+            instruction_requests(plans, config, ctx.number),
+            config.instruction_sampling,
+            settings,
+            urls,
+            cache,
+            on_progress=progress.callback("instructions"),
+            model=ctx.model,
         )
         candidates, filtered = collect_candidates_task(plans, new, config, ctx.number)
         accepted, duplicates = dedup_candidates_task(
             candidates, ctx.pool, config, ctx.number, ctx.model, settings.dask_address
         )
         answers = generate_in_tasks(
-            classify_requests(accepted, config, ctx.number), config.classify_sampling, settings, urls, cache,
-            on_progress=progress.callback("classification"), model=ctx.model,
+            classify_requests(accepted, config, ctx.number),
+            config.classify_sampling,
+            settings,
+            urls,
+            cache,
+            on_progress=progress.callback("classification"),
+            model=ctx.model,
         )
         classified = apply_classification(accepted, answers)
         outputs = generate_in_tasks(
-            instance_requests(classified, config, ctx.number), config.instance_sampling, settings, urls, cache,
-            on_progress=progress.callback("instances"), model=ctx.model,
+            instance_requests(classified, config, ctx.number),
+            config.instance_sampling,
+            settings,
+            urls,
+            cache,
+            on_progress=progress.callback("instances"),
+            model=ctx.model,
         )
     instructions, instances, unusable = collect_instances_task(classified, outputs, config, ctx.number)
 
@@ -88,4 +105,8 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
     )
     publish_round(ctx.store, manifest, instructions, instances)
     logger.info("round %d committed: %s", manifest.round, manifest.counts)
-    return {"round": manifest.round, "counts": manifest.counts, "location": ctx.store.location(manifest.round)}
+    return {
+        "round": manifest.round,
+        "counts": manifest.counts,
+        "location": ctx.store.location(manifest.round),
+    }

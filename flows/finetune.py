@@ -1,4 +1,4 @@
-"""Fine-tune a small model on committed rounds, and evaluate fine-tunes on held-out tasks, as Prefect flows."""
+"""Fine-tune a small model on committed rounds, as a Prefect flow."""
 
 from prefect import flow, get_run_logger
 

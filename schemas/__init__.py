@@ -20,11 +20,11 @@ __all__ = [
     "InstanceRecord",
     "InstructionRecord",
     "RejectionRecord",
-    "RoundParams",
     "RoundManifest",
+    "RoundParams",
     "SamplingParams",
     "SeedInstance",
-    "SimilarInstruction",
     "SeedTask",
     "Settings",
+    "SimilarInstruction",
 ]

@@ -1,4 +1,7 @@
-"""Typed configuration of a bootstrap round. Defaults follow Wang et al. (2022), arXiv:2212.10560, section 2."""
+"""Typed configuration of a bootstrap round.
+
+Defaults follow Wang et al. (2022), arXiv:2212.10560, section 2.
+"""
 
 from typing import Literal
 
@@ -41,7 +44,9 @@ class BootstrapConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompts_per_round: int = Field(default=16, ge=1, le=100_000, description="Instruction-generation prompts.")
+    prompts_per_round: int = Field(
+        default=16, ge=1, le=100_000, description="Instruction-generation prompts."
+    )
     num_in_context: int = Field(default=8, ge=1, le=32, description="In-context instructions per prompt.")
     num_machine_in_context: int = Field(
         default=2, ge=0, le=32, description="How many of those come from machine-generated instructions."
@@ -51,7 +56,9 @@ class BootstrapConfig(BaseModel):
     )
     min_words: int = Field(default=3, ge=0, description="Keep instructions with MORE than this many words.")
     max_words: int = Field(default=150, ge=1, description="Keep instructions with at most this many words.")
-    blacklist: tuple[str, ...] = Field(default=DEFAULT_BLACKLIST, description="Whole-word keywords to reject.")
+    blacklist: tuple[str, ...] = Field(
+        default=DEFAULT_BLACKLIST, description="Whole-word keywords to reject."
+    )
     instruction_sampling: SamplingParams = Field(
         default=SamplingParams(
             temperature=0.7,
@@ -76,12 +83,19 @@ class BootstrapConfig(BaseModel):
         description="Decoding for instance generation.",
     )
     max_instances: int = Field(default=5, ge=1, le=20, description="Instances kept per instruction at most.")
-    max_field_chars: int = Field(default=2000, ge=10, description="Longer instance inputs/outputs are rejected.")
-    seed: int = Field(default=42, description="Base seed; each round's sampling is seeded from (seed, round).")
-    dedup_lineage: bool = Field(default=True, description="Record top-k similar pool instructions per candidate.")
+    max_field_chars: int = Field(
+        default=2000, ge=10, description="Longer instance inputs/outputs are rejected."
+    )
+    seed: int = Field(
+        default=42, description="Base seed; each round's sampling is seeded from (seed, round)."
+    )
+    dedup_lineage: bool = Field(
+        default=True, description="Record top-k similar pool instructions per candidate."
+    )
     dedup_top_k: int = Field(default=10, ge=1, le=100, description="How many similar instructions to record.")
     tokenizer: Literal["rouge", "multilingual"] = Field(
-        default="rouge", description="ROUGE-L tokenizer: rouge-score's own, or one that keeps non-ASCII words."
+        default="rouge",
+        description="ROUGE-L tokenizer: rouge-score's own, or one that keeps non-ASCII words.",
     )
     model: str | None = Field(default=None, description="Model name on the server; None = Settings.model.")
 
@@ -91,14 +105,17 @@ class RoundParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    store_url: str | None = Field(default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data.")
+    store_url: str | None = Field(
+        default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data."
+    )
     seeds_path: str | None = Field(default=None, description="Seed JSONL file; None = the seeds we ship.")
     llm_urls: list[str] = Field(
-        default_factory=list, description="OpenAI-compatible base URLs; empty = Settings, else the embedded server."
+        default_factory=list,
+        description="OpenAI-compatible base URLs; empty = Settings, else the embedded server.",
     )
     config: BootstrapConfig = Field(default_factory=BootstrapConfig, description="The round's knobs.")
     data_ready_threshold: int = Field(
         default=0,
         ge=0,
-        description="Emit selfinstruct.data.ready once this many new instances exist since the last fine-tune; 0 = off.",
+        description="Emit selfinstruct.data.ready at this many new instances since the last finetune; 0=off",
     )

@@ -11,7 +11,7 @@ Stage = Literal["instruction", "dedup", "classify", "instance"]
 
 
 class CompletionRecord(BaseModel):
-    """One prompt and what the server returned for it; a row of requests.parquet and of the completion cache."""
+    """One prompt and what the server returned: a row of requests.parquet and of the completion cache."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -21,7 +21,9 @@ class CompletionRecord(BaseModel):
     prompt: str
     text: str = Field(description="Raw completion text.")
     finish_reason: str | None = Field(description="'stop' or 'length' as the server reported it.")
-    prompt_tokens: int = Field(ge=0, description="Prompt tokens of the whole HTTP request (shared by its prompts).")
+    prompt_tokens: int = Field(
+        ge=0, description="Prompt tokens of the whole HTTP request (shared by its prompts)."
+    )
     completion_tokens: int = Field(ge=0, description="Completion tokens of this prompt, or of the request.")
     latency_s: float = Field(ge=0.0, description="Wall time of the HTTP request that carried this prompt.")
     model: str
@@ -48,7 +50,9 @@ class InstructionRecord(BaseModel):
     round: int = Field(ge=1)
     instruction: str
     request_key: str = Field(description="Cache key of the completion it was parsed from.")
-    prompt_index: int = Field(ge=0, description="Which instruction-generation prompt of the round produced it.")
+    prompt_index: int = Field(
+        ge=0, description="Which instruction-generation prompt of the round produced it."
+    )
     in_context_ids: list[str] = Field(description="Pool ids shown in the prompt, in order.")
     model: str
     sampling: SamplingParams = Field(description="Decoding parameters of the generating request.")

@@ -28,7 +28,7 @@ class FinetuneParams(BaseModel):
     )
     base_model: str | None = Field(
         default=None,
-        description="Hub id, local model folder or .gguf file; None = the embedded SmolLM2-135M-Instruct GGUF.",
+        description="Hub id, local model folder or .gguf file; None = the embedded SmolLM2-135M-Instruct.",
     )
     max_steps: int = Field(default=200, ge=1, le=1_000_000, description="Optimizer steps.")
     lr: float = Field(default=2e-4, gt=0.0, le=1.0, description="Peak learning rate (linear decay).")
@@ -62,7 +62,7 @@ class FinetuneParams(BaseModel):
     )
     vllm_adapter_path: str | None = Field(
         default=None,
-        description="The adapter folder as the vLLM server sees it; None = the local folder it was trained in.",
+        description="The adapter folder as the vLLM server sees it; None = a local copy on this machine.",
     )
 
 
@@ -85,7 +85,7 @@ class EvaluateParams(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per generate() call.")
     prompt_format: PromptFormat = Field(
         default="template",
-        description="'template': the fine-tuning template named by `template`; 'chat': the tokenizer's chat template.",
+        description="'template': the sft_*.txt template named by `template`; 'chat': the tokenizer's chat template.",
     )
     template: str = Field(
         default="task_input_output", description="Name of the sft_*.txt template to prompt with."

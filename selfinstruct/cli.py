@@ -12,7 +12,9 @@ from rich.table import Table
 
 from schemas import BootstrapConfig, Settings
 
-app = typer.Typer(help="Self-Instruct bootstrap rounds on Prefect.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Self-Instruct bootstrap rounds on Prefect.", no_args_is_help=True, add_completion=False
+)
 console = Console()
 errors = Console(stderr=True)
 
@@ -92,8 +94,12 @@ def run(
     seeds: Annotated[Path | None, typer.Option(help="Seed tasks JSONL (Self-Instruct schema).")] = None,
     store: Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON file of BootstrapConfig fields.")] = None,
-    prompts: Annotated[int | None, typer.Option(min=1, help="Instruction-generation prompts per round.")] = None,
-    llm_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible base URL (repeatable).")] = None,
+    prompts: Annotated[
+        int | None, typer.Option(min=1, help="Instruction-generation prompts per round.")
+    ] = None,
+    llm_url: Annotated[
+        list[str] | None, typer.Option(help="OpenAI-compatible base URL (repeatable).")
+    ] = None,
 ) -> None:
     """Run bootstrap rounds and print what each one kept and rejected."""
     from tasks.seeds import SeedFileError, load_seeds
@@ -139,12 +145,16 @@ def print_summary(store_obj: Any, summaries: list[dict[str, Any]]) -> None:
     table.add_column("rejected (reason: count)")
     for summary in summaries:
         counts = summary["counts"]
-        rejected = ", ".join(f"{k.removeprefix('rejected:')}: {v}" for k, v in counts.items() if k.startswith("rejected:"))
+        rejected = ", ".join(
+            f"{k.removeprefix('rejected:')}: {v}" for k, v in counts.items() if k.startswith("rejected:")
+        )
         table.add_row(str(summary["round"]), str(counts["kept"]), str(counts["instances"]), rejected or "-")
     console.print(table)
     rounds = store_obj.committed_rounds()
     pool = sum(store_obj.read_manifest(n).counts["kept"] for n in rounds)
-    console.print(f"pool: {pool} machine-generated instructions in {len(rounds)} committed rounds (plus seeds)")
+    console.print(
+        f"pool: {pool} machine-generated instructions in {len(rounds)} committed rounds (plus seeds)"
+    )
     for summary in summaries:
         console.print(f"  round {summary['round']}: {summary['location']}/*.parquet")
 
@@ -185,7 +195,7 @@ def verify(
     seeds: Annotated[Path | None, typer.Option(help="Seed tasks JSONL the pool starts from.")] = None,
     clean: Annotated[bool, typer.Option("--clean", help="Remove dangling uncommitted rounds.")] = False,
 ) -> None:
-    """Check every committed round against its manifest and the pool for duplicates; non-zero exit on problems."""
+    """Check committed rounds against their manifests and the pool for duplicates; exit 1 on problems."""
     from tasks.seeds import SeedFileError, load_seeds
     from tasks.verify import clean_dangling, verify_store
 

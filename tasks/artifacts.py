@@ -36,7 +36,11 @@ def counts_rows(counts: dict[str, int]) -> list[dict[str, str | int]]:
 
 
 def samples_markdown(
-    number: int, instructions: list[InstructionRecord], instances: list[InstanceRecord], k: int = 10, seed: int = 0
+    number: int,
+    instructions: list[InstructionRecord],
+    instances: list[InstanceRecord],
+    k: int = 10,
+    seed: int = 0,
 ) -> str:
     """Markdown with `k` random accepted instructions and their instances."""
     by_instruction: dict[str, list[InstanceRecord]] = {}
@@ -46,7 +50,12 @@ def samples_markdown(
     lines = [f"# Round {number}: {len(chosen)} of {len(instructions)} accepted instructions", ""]
     for record in chosen:
         kind = "classification" if record.is_classification else "generation"
-        lines += [f"### {record.id} ({kind}, max ROUGE-L {record.max_rouge:.2f})", "", f"> {record.instruction}", ""]
+        lines += [
+            f"### {record.id} ({kind}, max ROUGE-L {record.max_rouge:.2f})",
+            "",
+            f"> {record.instruction}",
+            "",
+        ]
         for instance in by_instruction.get(record.id, []):
             lines += [f"- **input:** {instance.input or '(none)'}", f"  **output:** {instance.output}"]
         lines.append("")
@@ -60,7 +69,12 @@ def store_resource_id(store: Store) -> str:
 
 
 @task(name="publish-round")
-def publish_round(store: Store, manifest: RoundManifest, instructions: list[InstructionRecord], instances: list[InstanceRecord]) -> None:
+def publish_round(
+    store: Store,
+    manifest: RoundManifest,
+    instructions: list[InstructionRecord],
+    instances: list[InstanceRecord],
+) -> None:
     """Table and markdown artifacts for a committed round, and the round.committed event."""
     create_table_artifact(
         table=counts_rows(manifest.counts),
@@ -89,7 +103,9 @@ class ProgressArtifact:
 
     def __init__(self, description: str) -> None:
         self.description = description
-        self.artifact_id: UUID = create_progress_artifact(progress=0.0, key=PROGRESS_KEY, description=description)
+        self.artifact_id: UUID = create_progress_artifact(
+            progress=0.0, key=PROGRESS_KEY, description=description
+        )
 
     def callback(self, stage: str) -> Callable[[int, int], None]:
         """An `on_progress(done, total)` callback for one generation stage."""

@@ -1,8 +1,8 @@
 """Fine-tuning data from committed rounds, prepared the way Self-Instruct prepares it (arXiv:2212.10560, §4).
 
-Each kept instruction contributes up to `max_instances` of its instances; duplicates are removed; every example
-is rendered with one of several prompt templates (with- and without-input variants, picked by a seeded RNG) so
-that the model does not tie itself to one surface form; the result is shuffled with the same seed.
+Each kept instruction contributes up to `max_instances` of its instances; duplicates are removed; every
+example is rendered with one of several prompt templates (with- and without-input variants, picked by a
+seeded RNG) so that the model does not tie itself to one surface form; the result is shuffled with the seed.
 
 Templates live in tasks/templates/sft_*.txt. A file holds two sections, each opened by a marker line,
 `<<<with input>>>` and `<<<without input>>>`. Every line of a section up to the next marker is part of the
@@ -188,7 +188,7 @@ def format_rounds(numbers: Sequence[int]) -> str:
 
 
 def _cap(items: list[Any], max_items: int, key: str, seed: int) -> list[Any]:
-    """At most `max_items` of `items`, a seeded sample keyed by `key` so adding rounds changes no other pick."""
+    """At most `max_items` of `items`: a seeded sample keyed by `key`, so adding rounds changes no other pick."""
     if len(items) <= max_items:
         return items
     chosen = set(random.Random(f"{seed}:{key}").sample(range(len(items)), max_items))

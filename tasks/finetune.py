@@ -10,7 +10,7 @@ Store layout of one fine-tune, written in this order (the manifest last, as the 
     finetunes/<id>/adapter/...               PEFT adapter and the tokenizer
     finetunes/<id>/training_config.json      every parameter and the resolved base model
     finetunes/<id>/metrics.json              loss curve, validation loss before and after
-    finetunes/<id>/manifest.json             rounds, row counts and checksums: the fine-tune exists from here on
+    finetunes/<id>/manifest.json             rounds, rows, checksums: the fine-tune exists from here on
 """
 
 import copy
@@ -372,10 +372,11 @@ def train_adapter(
         eval_after = float(trainer.evaluate()["eval_loss"]) if validation_rows else None
         out_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
-            # PEFT looks for the base's config.json to see whether the vocabulary changed; a GGUF base has none
-            # and the vocabulary is never changed here.
+            # PEFT looks for the base's config.json to see whether the vocabulary changed; a GGUF base has
+            # none, and the vocabulary is never changed here.
             warnings.filterwarnings("ignore", message="Could not find a config file")
             trainer.save_model(str(out_dir))
+    peft_model: Any = trainer.model
     for leftover in ("training_args.bin", "README.md"):  # a pickle and a model-card stub: not needed to load
         (out_dir / leftover).unlink(missing_ok=True)
     curve = [
@@ -393,7 +394,7 @@ def train_adapter(
         train_runtime_s=round(runtime, 3),
         device=torch.cuda.get_device_name() if cuda else "cpu",
         precision="bfloat16" if bf16 else "float32",
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        trainable_parameters=sum(int(p.numel()) for p in peft_model.parameters() if p.requires_grad),
     )
 
 

@@ -58,7 +58,9 @@ def load_pool(store: Store, seeds: list[SeedTask], tokenizer: Literal["rouge", "
     return Pool(seeds=seeds, machine=machine, index=index, rounds=rounds)
 
 
-def round_index_tables(index: PoolIndex, start: int, vocab_start: int, kept_ids: set[str]) -> tuple[pa.Table, pa.Table]:
+def round_index_tables(
+    index: PoolIndex, start: int, vocab_start: int, kept_ids: set[str]
+) -> tuple[pa.Table, pa.Table]:
     """The index rows a round adds: only its finally accepted instructions, and the vocabulary it grew."""
     entries, vocab = index.export(start, vocab_start)
     mask = pa.array([value in kept_ids for value in entries.column("id").to_pylist()], type=pa.bool_())

@@ -43,7 +43,9 @@ def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as error:
-            raise SeedFileError(f"{source}:{number}: invalid JSON ({error.msg} at column {error.colno})") from None
+            raise SeedFileError(
+                f"{source}:{number}: invalid JSON ({error.msg} at column {error.colno})"
+            ) from None
         try:
             task = SeedTask.model_validate(raw)
         except ValidationError as error:

@@ -55,7 +55,7 @@ class Candidate:
 
 
 def stage_seed(config: BootstrapConfig, round_number: int, stage: str) -> int:
-    """Request seed of one stage of one round, derived from the base seed so reruns send identical requests."""
+    """Request seed of one stage of one round, from the base seed, so reruns send identical requests."""
     return random.Random(f"{config.seed}:{round_number}:{stage}").randrange(2**31)
 
 
@@ -72,7 +72,9 @@ def plan_instruction_prompts(pool: Pool, config: BootstrapConfig, round_number: 
     return plans
 
 
-def instruction_requests(plans: list[PromptPlan], config: BootstrapConfig, round_number: int) -> list[CompletionRequest]:
+def instruction_requests(
+    plans: list[PromptPlan], config: BootstrapConfig, round_number: int
+) -> list[CompletionRequest]:
     """Completion requests for the instruction-generation prompts."""
     seed = stage_seed(config, round_number, "instruction")
     return [CompletionRequest(prompt=p.prompt, stage="instruction", seed=seed) for p in plans]
@@ -166,7 +168,8 @@ def dedup_candidates(
                 sampling=config.instruction_sampling,
                 max_rouge=decision.max_score,
                 most_similar=[
-                    SimilarInstruction(id=index.ids[p], instruction=index.texts[p], score=s) for p, s in decision.top_k
+                    SimilarInstruction(id=index.ids[p], instruction=index.texts[p], score=s)
+                    for p, s in decision.top_k
                 ],
                 avg_similarity=decision.mean_score,
             )
@@ -201,14 +204,19 @@ def instance_requests(
     seed = stage_seed(config, round_number, "instance")
     return [
         CompletionRequest(
-            build_instance_prompt(r.instruction, bool(r.is_classification), config.max_instances), "instance", seed
+            build_instance_prompt(r.instruction, bool(r.is_classification), config.max_instances),
+            "instance",
+            seed,
         )
         for r in accepted
     ]
 
 
 def collect_instances(
-    accepted: list[InstructionRecord], completions: list[CompletionRecord], config: BootstrapConfig, round_number: int
+    accepted: list[InstructionRecord],
+    completions: list[CompletionRecord],
+    config: BootstrapConfig,
+    round_number: int,
 ) -> tuple[list[InstructionRecord], list[InstanceRecord], list[RejectionRecord]]:
     """Parse and filter instances; an instruction left with no valid instance is rejected.
 
@@ -318,10 +326,12 @@ def write_round(store: Store, pool: Pool, result: RoundResult, config: Bootstrap
             ("requests", result.completions),
         )
     }
-    files.update({
-        f"{INDEX_FILE}.parquet": store.write_table(number, INDEX_FILE, entries),
-        f"{VOCAB_FILE}.parquet": store.write_table(number, VOCAB_FILE, vocab),
-    })
+    files.update(
+        {
+            f"{INDEX_FILE}.parquet": store.write_table(number, INDEX_FILE, entries),
+            f"{VOCAB_FILE}.parquet": store.write_table(number, VOCAB_FILE, vocab),
+        }
+    )
     manifest = RoundManifest(
         round=number,
         run_id=result.run_id,
@@ -339,16 +349,16 @@ def write_round(store: Store, pool: Pool, result: RoundResult, config: Bootstrap
     return manifest
 
 
-plan_instruction_prompts_task = task(plan_instruction_prompts, name="plan-instruction-prompts")
-collect_candidates_task = task(collect_candidates, name="parse-and-filter")
-dedup_candidates_task = task(dedup_candidates, name="rouge-dedup")
-collect_instances_task = task(collect_instances, name="parse-and-filter-instances")
-write_round_task = task(write_round, name="commit-round")
+plan_instruction_prompts_task = task(name="plan-instruction-prompts")(plan_instruction_prompts)
+collect_candidates_task = task(name="parse-and-filter")(collect_candidates)
+dedup_candidates_task = task(name="rouge-dedup")(dedup_candidates)
+collect_instances_task = task(name="parse-and-filter-instances")(collect_instances)
+write_round_task = task(name="commit-round")(write_round)
 
 
 @contextmanager
 def llm_endpoints(urls: list[str], settings: Settings) -> Iterator[list[str]]:
-    """The base URLs to generate with: given ones, else Settings', else an embedded server for the duration."""
+    """Base URLs to generate with: given ones, else Settings', else an embedded server for the duration."""
     configured = [u.rstrip("/") for u in urls] or settings.llm_urls()
     if configured:
         yield configured
@@ -373,7 +383,9 @@ class RoundContext:
 
 
 @task(name="open-round")
-def open_round(store_url: str, seeds_path: str | None, config: BootstrapConfig, settings: Settings, run_id: str) -> RoundContext:
+def open_round(
+    store_url: str, seeds_path: str | None, config: BootstrapConfig, settings: Settings, run_id: str
+) -> RoundContext:
     """Validate the seeds, claim the next round of the store and load the pool it is deduplicated against."""
     seeds, seeds_sha = load_seeds(Path(seeds_path) if seeds_path else None)
     store = Store(store_url, settings)

@@ -301,8 +301,12 @@ class Store:
             "claimed_at": datetime.now(UTC).isoformat(),
             "attempt": attempt,
         }
-        if not self._exclusive_write(self._path(number, f"claim-{attempt:04d}.json"), json.dumps(claim).encode()):
-            raise RoundClaimedError(f"round {number} of store {redact_url(self.url)} was just claimed by another run")
+        if not self._exclusive_write(
+            self._path(number, f"claim-{attempt:04d}.json"), json.dumps(claim).encode()
+        ):
+            raise RoundClaimedError(
+                f"round {number} of store {redact_url(self.url)} was just claimed by another run"
+            )
         return number
 
     def round_is_live(self, number: int, ttl_s: float = 12 * 3600) -> bool:
@@ -340,7 +344,9 @@ class Store:
             StoreError: When the round is already committed or the run no longer holds its claim.
         """
         if not self.holds_claim(manifest.round, manifest.run_id):
-            raise RoundClaimedError(f"run {manifest.run_id} no longer holds round {manifest.round}; not committing")
+            raise RoundClaimedError(
+                f"run {manifest.run_id} no longer holds round {manifest.round}; not committing"
+            )
         data = manifest.model_dump_json(indent=2).encode()
         if not self._exclusive_write(self._path(manifest.round, MANIFEST), data):
             raise StoreError(f"round {manifest.round} was already committed; nothing written")
@@ -357,12 +363,13 @@ class Store:
             handle.write(data)
         return path
 
-
     # -- other artifacts (fine-tunes, evaluations, reports) --------------------------------------
     def _artifact_path(self, relative: str) -> str:
-        """Absolute path of `relative` under the root; only plain names below finetunes/, evaluations/, reports/."""
+        """Absolute path of `relative` under the root: plain names below one of ARTIFACT_AREAS only."""
         parts = relative.strip("/").split("/")
-        if parts[0] not in ARTIFACT_AREAS or any(not re.fullmatch(r"[A-Za-z0-9_.=\-]+", p) or p in (".", "..") for p in parts):
+        if parts[0] not in ARTIFACT_AREAS or any(
+            not re.fullmatch(r"[A-Za-z0-9_.=\-]+", p) or p in (".", "..") for p in parts
+        ):
             raise StoreError(f"invalid store path {relative!r}")
         return f"{self.root}/{'/'.join(parts)}"
 
@@ -386,12 +393,15 @@ class Store:
     def list_names(self, relative: str) -> list[str]:
         """Names directly under the folder `relative` (empty when it does not exist)."""
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._artifact_path(relative), detail=False))
+            return sorted(
+                p.rstrip("/").rsplit("/", 1)[-1]
+                for p in self.fs.ls(self._artifact_path(relative), detail=False)
+            )
         except FileNotFoundError:
             return []
 
     def put_tree(self, local_dir: Path, relative: str) -> list[str]:
-        """Upload every file under `local_dir` to the folder `relative`; returns the relative names written."""
+        """Upload every file under `local_dir` to the folder `relative`; returns the names written."""
         written = []
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             name = path.relative_to(local_dir).as_posix()

@@ -49,26 +49,28 @@ def _check_round(store: Store, number: int, report: VerifyReport) -> list[tuple[
         stem = name.removesuffix(".parquet")
         table = store.read_table(number, stem)
         if table.num_rows != entry.rows:
-            report.problems.append(f"round {number}: {name} has {table.num_rows} rows, manifest says {entry.rows}")
+            report.problems.append(
+                f"round {number}: {name} has {table.num_rows} rows, manifest says {entry.rows}"
+            )
         if stem in ARROW_SCHEMAS and not table.schema.equals(ARROW_SCHEMAS[stem], check_metadata=False):
             report.problems.append(f"round {number}: {name} does not have the expected schema")
         intact.add(name)
-    counts = manifest.counts
-    expected = {
-        "kept": manifest.files.get("instructions.parquet"),
-        "instances": manifest.files.get("instances.parquet"),
-    }
-    for key, entry in expected.items():
-        if entry is not None and counts.get(key) != entry.rows:
-            report.problems.append(f"round {number}: count {key}={counts.get(key)} but file has {entry.rows} rows")
-    rejected = sum(v for k, v in counts.items() if k.startswith("rejected:"))
-    entry = manifest.files.get("rejected.parquet")
-    if entry is not None and rejected != entry.rows:
-        report.problems.append(f"round {number}: {rejected} rejections counted but file has {entry.rows} rows")
+    counts = dict(manifest.counts)
+    counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected:"))
+    for key, file_name in (("kept", "instructions"), ("instances", "instances"), ("rejected", "rejected")):
+        listed = manifest.files.get(f"{file_name}.parquet")
+        if listed is not None and counts.get(key) != listed.rows:
+            report.problems.append(
+                f"round {number}: count {key}={counts.get(key)} but {file_name} has {listed.rows} rows"
+            )
     if "instructions.parquet" not in intact:
         return []
-    table: pa.Table = store.read_table(number, "instructions")
-    return list(zip(table.column("id").to_pylist(), table.column("instruction").to_pylist(), strict=True))
+    instructions: pa.Table = store.read_table(number, "instructions")
+    return list(
+        zip(
+            instructions.column("id").to_pylist(), instructions.column("instruction").to_pylist(), strict=True
+        )
+    )
 
 
 def verify_store(store: Store, seeds: list[SeedTask]) -> VerifyReport:
@@ -93,7 +95,9 @@ def verify_store(store: Store, seeds: list[SeedTask]) -> VerifyReport:
                 report.problems.append(f"{where}: id {instruction_id} already in {seen_ids[instruction_id]}")
             key = _normalized(text)
             if key in seen_texts:
-                report.problems.append(f"{where}: instruction {instruction_id} duplicates one in {seen_texts[key]}")
+                report.problems.append(
+                    f"{where}: instruction {instruction_id} duplicates one in {seen_texts[key]}"
+                )
             seen_ids[instruction_id] = where
             seen_texts[key] = where
     report.dangling = store.uncommitted_rounds()

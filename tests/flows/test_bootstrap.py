@@ -16,7 +16,11 @@ def _small_config() -> BootstrapConfig:
     return BootstrapConfig(
         prompts_per_round=4,
         instruction_sampling=SamplingParams(
-            temperature=0.7, top_p=0.5, max_tokens=160, presence_penalty=2.0, stop=("\n\n", "\n16", "16.", "16 .")
+            temperature=0.7,
+            top_p=0.5,
+            max_tokens=160,
+            presence_penalty=2.0,
+            stop=("\n\n", "\n16", "16.", "16 ."),
         ),
         instance_sampling=SamplingParams(
             temperature=0.0, top_p=1.0, max_tokens=160, presence_penalty=0.0, stop=("Example 4", "Task:")

@@ -58,13 +58,17 @@ def test_killed_round_is_redone_without_paying_twice(prefect_server: None, tmp_p
         assert store.uncommitted_rounds() == [1]
         completions_dir = Path(store.round_dir(1)) / "completions"
         cached = {
-            row["prompt"] for part in completions_dir.glob("*.parquet") for row in pq.read_table(part).to_pylist()
+            row["prompt"]
+            for part in completions_dir.glob("*.parquet")
+            for row in pq.read_table(part).to_pylist()
         }
         assert 0 < len(cached) < PROMPTS  # killed mid-generation, some batches persisted
 
         status = subprocess.run(
             [sys.executable, "-m", "selfinstruct", "status", "--store", store_url],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         assert "no committed rounds" in status.stdout
 

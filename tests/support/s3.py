@@ -24,7 +24,9 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def s3_settings(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Settings:
+def s3_settings(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Settings:
     """Settings for a fresh bucket on the loopback S3 endpoint."""
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     bucket = f"test-{abs(hash(request.node.nodeid)) % 10**10}"

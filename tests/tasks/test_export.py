@@ -16,6 +16,7 @@ from schemas import (
     SamplingParams,
     SeedTask,
 )
+from schemas.training import ExportFormat
 from tasks.export import (
     ExportError,
     TemplateError,
@@ -170,7 +171,8 @@ def test_braces_in_the_data_are_left_alone() -> None:
     ("text", "message"),
     [
         (
-            "Task: {instruction}\n<<<with input>>>\n{instruction} {input}\n<<<without input>>>\n{instruction}\n",
+            "Task: {instruction}\n<<<with input>>>\n{instruction} {input}\n"
+            "<<<without input>>>\n{instruction}\n",
             "before the first",
         ),
         (
@@ -202,7 +204,7 @@ def test_select_rounds_specs() -> None:
     assert select_rounds("3", committed) == [3]
     assert select_rounds(":2", committed) == [1, 2]
     assert select_rounds("3:", committed) == [3, 5]
-    with pytest.raises(ExportError, match="no committed round in that range .committed: 1-3, 5"):
+    with pytest.raises(ExportError, match=r"no committed round in that range \(committed: 1-3, 5\)"):
         select_rounds("4", committed)
     with pytest.raises(ExportError, match="expected N, A:B"):
         select_rounds("two", committed)
@@ -304,14 +306,14 @@ def test_sft_rows_use_every_template_and_the_choice_is_stable(tmp_path: Path) ->
         ("sft", {"prompt", "completion"}),
     ],
 )
-def test_export_round_trips_through_datasets(tmp_path: Path, fmt: str, columns: set[str]) -> None:
+def test_export_round_trips_through_datasets(tmp_path: Path, fmt: ExportFormat, columns: set[str]) -> None:
     import datasets
 
     store = two_round_store(tmp_path / "store")
     out = tmp_path / "out" / f"{fmt}.jsonl"
     result = write_export(
         store, out, fmt, rounds="1:2", include_seeds=True, seeds_path=write_seed_file(tmp_path / "s.jsonl")
-    )  # type: ignore[arg-type]
+    )
     loaded = datasets.load_dataset("json", data_files=str(out), split="train")
     assert set(loaded.column_names) == columns
     assert loaded.num_rows == result.rows == result.stats.rows == 26

@@ -21,10 +21,22 @@ from tasks.store import Store
 CONFIG = BootstrapConfig(prompts_per_round=3)
 
 
-def _completion(text: str, key: str = "k", finish_reason: str = "stop", stage: str = "instruction") -> CompletionRecord:
+def _completion(
+    text: str, key: str = "k", finish_reason: str = "stop", stage: str = "instruction"
+) -> CompletionRecord:
     return CompletionRecord(
-        key=key, stage=stage, request_id="req", prompt="p", text=text, finish_reason=finish_reason,  # type: ignore[arg-type]
-        prompt_tokens=1, completion_tokens=1, latency_s=0.1, model="m", base_url="http://127.0.0.1:1/v1", seed=1,
+        key=key,
+        stage=stage,
+        request_id="req",
+        prompt="p",
+        text=text,
+        finish_reason=finish_reason,  # type: ignore[arg-type]
+        prompt_tokens=1,
+        completion_tokens=1,
+        latency_s=0.1,
+        model="m",
+        base_url="http://127.0.0.1:1/v1",
+        seed=1,
     )
 
 
@@ -38,16 +50,31 @@ def _commit_round(store: Store, texts: list[str]) -> None:
     accepted, rejected = dedup_candidates(
         [Candidate(t, plan, _completion(t)) for t in texts], pool, CONFIG, number, "m", None
     )
-    classified = [r.model_copy(update={"is_classification": False, "classification_raw": "No"}) for r in accepted]
-    outputs = [_completion("Example 1\nInput: a\nOutput: b", key=f"i{i}", stage="instance") for i in range(len(classified))]
+    classified = [
+        r.model_copy(update={"is_classification": False, "classification_raw": "No"}) for r in accepted
+    ]
+    outputs = [
+        _completion("Example 1\nInput: a\nOutput: b", key=f"i{i}", stage="instance")
+        for i in range(len(classified))
+    ]
     kept, instances, unusable = collect_instances(classified, outputs, CONFIG, number)
     write_round(
         store,
         pool,
         RoundResult(
-            number=number, run_id=f"run-{number}", model="m", seeds_sha256=digest, pool_size_before=pool.size,
-            index_start=start, vocab_start=vocab_start, prompts=1, candidates_parsed=len(texts),
-            instructions=kept, instances=instances, rejected=rejected + unusable, completions=outputs,
+            number=number,
+            run_id=f"run-{number}",
+            model="m",
+            seeds_sha256=digest,
+            pool_size_before=pool.size,
+            index_start=start,
+            vocab_start=vocab_start,
+            prompts=1,
+            candidates_parsed=len(texts),
+            instructions=kept,
+            instances=instances,
+            rejected=rejected + unusable,
+            completions=outputs,
         ),
         CONFIG,
     )
@@ -65,7 +92,9 @@ def test_second_round_is_deduplicated_against_the_first(tmp_path: Path) -> None:
     assert [i for i, _ in pool.machine] == ["r00001-00000", "r00001-00001"]
     plan = PromptPlan(0, "prompt", [], 9)
     again = "Summarize the plot of your favourite novel in three sentences."
-    accepted, rejected = dedup_candidates([Candidate(again, plan, _completion(again))], pool, CONFIG, 2, "m", None)
+    accepted, rejected = dedup_candidates(
+        [Candidate(again, plan, _completion(again))], pool, CONFIG, 2, "m", None
+    )
     assert accepted == []
     assert rejected[0].reason == "rouge_l>0.7"
     assert rejected[0].most_similar_instruction == first
@@ -74,7 +103,9 @@ def test_second_round_is_deduplicated_against_the_first(tmp_path: Path) -> None:
 
 def test_loaded_pool_decides_like_a_freshly_tokenized_one(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
-    _commit_round(store, ["Translate the sentence into formal business English.", "Rank these fruits by sweetness."])
+    _commit_round(
+        store, ["Translate the sentence into formal business English.", "Rank these fruits by sweetness."]
+    )
     seeds, _ = load_seeds()
     loaded = load_pool(store, seeds, "rouge")
     from tasks.dedup import PoolIndex, deduplicate
@@ -82,7 +113,11 @@ def test_loaded_pool_decides_like_a_freshly_tokenized_one(tmp_path: Path) -> Non
     fresh = PoolIndex.empty("rouge")
     fresh.add([t.id for t in seeds], [t.instruction for t in seeds])
     fresh.add([i for i, _ in loaded.machine], [t for _, t in loaded.machine])
-    probe = ["Rank these vegetables by sweetness.", "Translate the sentence into formal English.", "Hello there."]
+    probe = [
+        "Rank these vegetables by sweetness.",
+        "Translate the sentence into formal English.",
+        "Hello there.",
+    ]
     ids = ["a", "b", "c"]
     assert deduplicate(ids, probe, loaded.index) == deduplicate(ids, probe, fresh)
 
@@ -90,22 +125,41 @@ def test_loaded_pool_decides_like_a_freshly_tokenized_one(tmp_path: Path) -> Non
 def test_filters_and_parsing_record_every_rejection() -> None:
     plans = [PromptPlan(0, "p0", [], 9), PromptPlan(1, "p1", [], 9)]
     completions = [
-        _completion(" Describe the image below in detail.\n10. Write a program that sorts numbers.\n11. Hi\n"
-                    "12. Explain how tides are caused by the moon."),
+        _completion(
+            " Describe the image below in detail.\n10. Write a program that sorts numbers.\n11. Hi\n"
+            "12. Explain how tides are caused by the moon."
+        ),
         _completion(""),
     ]
     candidates, rejected = collect_candidates(plans, completions, CONFIG, 1)
     assert [c.text for c in candidates] == ["Explain how tides are caused by the moon."]
-    assert sorted(r.reason for r in rejected) == ["blacklist:image", "too_short", "unparseable", "write_a_program"]
+    assert sorted(r.reason for r in rejected) == [
+        "blacklist:image",
+        "too_short",
+        "unparseable",
+        "write_a_program",
+    ]
 
 
 def test_instruction_without_valid_instances_is_rejected_and_counts_agree() -> None:
     record = InstructionRecord(
-        id="r00001-00000", round=1, instruction="Name a colour.", request_key="k", prompt_index=0,
-        in_context_ids=[], model="m", sampling=SamplingParams(), max_rouge=0.2, most_similar=[],
-        avg_similarity=0.1, is_classification=False, classification_raw="No",
+        id="r00001-00000",
+        round=1,
+        instruction="Name a colour.",
+        request_key="k",
+        prompt_index=0,
+        in_context_ids=[],
+        model="m",
+        sampling=SamplingParams(),
+        max_rouge=0.2,
+        most_similar=[],
+        avg_similarity=0.1,
+        is_classification=False,
+        classification_raw="No",
     )
-    kept, instances, rejected = collect_instances([record], [_completion("Example 1\nInput: x\nOutput:")], CONFIG, 1)
+    kept, instances, rejected = collect_instances(
+        [record], [_completion("Example 1\nInput: x\nOutput:")], CONFIG, 1
+    )
     assert kept == [] and instances == []
     assert [r.reason for r in rejected][-1] == "no_valid_instance"
     counts = round_counts(1, 1, kept, instances, rejected)

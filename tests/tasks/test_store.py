@@ -76,7 +76,7 @@ def test_committed_round_is_immutable(store: Store) -> None:
 
 def test_live_claim_blocks_a_second_run_and_a_dead_one_is_taken_over(store: Store) -> None:
     assert store.claim_next_round("run-a") == 1
-    with pytest.raises(RoundClaimedError, match="round 1 .* is being written by run run-a"):
+    with pytest.raises(RoundClaimedError, match=r"round 1 .* is being written by run run-a"):
         store.claim_next_round("run-b")
     # A claim by a process that has exited on this host is stale: the round is redone under its number.
     child = multiprocessing.get_context("spawn").Process(target=int)
@@ -96,8 +96,18 @@ def test_completion_cache_persists_batches(store: Store) -> None:
     store.claim_next_round("run-a")
     cache = StoreCompletionCache(store, 1)
     record = CompletionRecord(
-        key="k1", stage="instruction", request_id="r", prompt="p", text="t", finish_reason="stop",
-        prompt_tokens=3, completion_tokens=1, latency_s=0.5, model="m", base_url="http://127.0.0.1:1/v1", seed=1,
+        key="k1",
+        stage="instruction",
+        request_id="r",
+        prompt="p",
+        text="t",
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=1,
+        latency_s=0.5,
+        model="m",
+        base_url="http://127.0.0.1:1/v1",
+        seed=1,
     )
     assert cache.get_many(["k1"]) == {}
     cache.put_many([record])
