@@ -103,9 +103,9 @@ class ProgressArtifact:
 
     def __init__(self, description: str) -> None:
         self.description = description
-        self.artifact_id: UUID = create_progress_artifact(
-            progress=0.0, key=PROGRESS_KEY, description=description
-        )
+        created = create_progress_artifact(progress=0.0, key=PROGRESS_KEY, description=description)
+        assert isinstance(created, UUID)  # the sync API: flows here are synchronous
+        self.artifact_id = created
 
     def callback(self, stage: str) -> Callable[[int, int], None]:
         """An `on_progress(done, total)` callback for one generation stage."""
