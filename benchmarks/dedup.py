@@ -95,6 +95,20 @@ OPENERS = (
     "{V} the following {N} so that it sounds more {A}.",
     "Using {X} bullet points, {v} why {T} matters to {U}.",
 )
+PREFIXES = (
+    "Please",
+    "For {U},",
+    "As {U},",
+    "Quickly",
+    "Your task:",
+    "Step one:",
+    "Without {W},",
+    "If you can,",
+    "Pretend you know {T} well and",
+    "Using what you know about {T},",
+    "In the style of {U},",
+    "Here is a challenge:",
+)
 EXTENSIONS = (
     " Use a {A} tone.",
     " Keep it under {X} sentences.",
@@ -125,7 +139,7 @@ class InstructionGenerator:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
-        self._rare = _rare_words(random.Random(self.seed + 1), 4000)
+        self._rare = _rare_words(random.Random(self.seed + 1), 20_000)
         self._recent: list[str] = []
 
     def _word(self) -> str:
@@ -143,7 +157,7 @@ class InstructionGenerator:
             v=verb,
             A=rng.choice(ADJECTIVES),
             A2=rng.choice(ADJECTIVES),
-            N=rng.choice(NOUNS),
+            N=self._word() if rng.random() < 0.3 else rng.choice(NOUNS),
             T=topic,
             U=rng.choice(AUDIENCES),
             X=rng.randint(2, 12),
@@ -153,6 +167,8 @@ class InstructionGenerator:
     def _fresh(self) -> str:
         rng = self._rng
         text = self._fill(rng.choice(OPENERS))
+        if rng.random() < 0.4:
+            text = self._fill(rng.choice(PREFIXES)) + " " + text
         for _ in range(rng.choices((0, 1, 2, 3), weights=(3, 4, 2, 1))[0]):
             text += self._fill(rng.choice(EXTENSIONS))
         return text

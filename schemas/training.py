@@ -85,7 +85,7 @@ class EvaluateParams(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per generate() call.")
     prompt_format: PromptFormat = Field(
         default="template",
-        description="'template': the sft_*.txt template named by `template`; 'chat': the tokenizer's chat template.",
+        description="'template': the sft_*.txt template `template`; 'chat': the tokenizer's chat template.",
     )
     template: str = Field(
         default="task_input_output", description="Name of the sft_*.txt template to prompt with."

@@ -52,7 +52,7 @@ def export(
     seed: Annotated[int, typer.Option(help="Seeds instance sampling, template choice and shuffling.")] = 42,
     store: StoreOption = None,
 ) -> None:
-    """Write fine-tuning data from committed rounds: jsonl (with provenance), alpaca or sft (prompt/completion)."""
+    """Write fine-tuning data from committed rounds as jsonl (with provenance), alpaca or sft rows."""
     from tasks.export import ExportError, TemplateError, write_export
     from tasks.seeds import SeedFileError
 

@@ -188,7 +188,7 @@ def format_rounds(numbers: Sequence[int]) -> str:
 
 
 def _cap(items: list[Any], max_items: int, key: str, seed: int) -> list[Any]:
-    """At most `max_items` of `items`: a seeded sample keyed by `key`, so adding rounds changes no other pick."""
+    """At most `max_items` of `items`: a seeded sample keyed by `key` (other rounds never change the pick)."""
     if len(items) <= max_items:
         return items
     chosen = set(random.Random(f"{seed}:{key}").sample(range(len(items)), max_items))

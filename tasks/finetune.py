@@ -21,6 +21,7 @@ import json
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -132,6 +133,7 @@ def resolve_base_model(spec: str | None) -> ModelSource:
 
 
 _MODEL_CACHE: dict[ModelSource, tuple[Any, Any]] = {}
+_MODEL_CACHE_LOCK = threading.Lock()  # Prefect may run two tasks of a flow in threads
 
 
 def load_base_model(spec: str | None) -> tuple[Any, Any]:
@@ -143,28 +145,37 @@ def load_base_model(spec: str | None) -> tuple[Any, Any]:
     Returns:
         (model, tokenizer)
     """
+    source = resolve_base_model(spec)
+    with _MODEL_CACHE_LOCK:
+        if source not in _MODEL_CACHE:
+            _MODEL_CACHE[source] = _load_uncached(source)
+        model, tokenizer = _MODEL_CACHE[source]
+        return copy.deepcopy(model), copy.deepcopy(tokenizer)
+
+
+def _load_uncached(source: ModelSource) -> tuple[Any, Any]:
+    import torch
     import transformers
 
-    source = resolve_base_model(spec)
-    if source not in _MODEL_CACHE:
-        transformers.utils.logging.disable_progress_bar()  # the GGUF conversion bar floods flow logs
-        kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
-            model = transformers.AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-        except OSError as error:
-            raise FinetuneError(f"base model {source.describe()}: cannot load ({error})") from None
-        quantizer = getattr(model, "hf_quantizer", None)
-        if source.gguf_file and quantizer is not None:
-            # The GGUF tensors are dequantized to float32 on load; only the marker remains, and it would make
-            # Trainer refuse to train ("GGUF does not support training") and save_pretrained refuse to save.
-            quantizer.remove_quantization_config(model)
-            model.config._is_quantized = False
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        _MODEL_CACHE[source] = (model, tokenizer)
-    model, tokenizer = _MODEL_CACHE[source]
-    return copy.deepcopy(model), copy.deepcopy(tokenizer)
+    transformers.utils.logging.disable_progress_bar()  # per-shard loading bars flood flow logs
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, **kwargs)
+        # float32 master weights everywhere: CPU trains in float32 and CUDA autocasts to bf16 on top.
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source.location, dtype=torch.float32, **kwargs
+        )
+    except OSError as error:
+        raise FinetuneError(f"base model {source.describe()}: cannot load ({error})") from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if source.gguf_file and quantizer is not None:
+        # The GGUF tensors are dequantized to float32 on load; only the marker remains, and it would make
+        # Trainer refuse to train ("GGUF does not support training") and save_pretrained refuse to save.
+        quantizer.remove_quantization_config(model)
+        model.config._is_quantized = False
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def clear_model_cache() -> None:

@@ -1,5 +1,6 @@
 """Bootstrap rounds end to end: a real Prefect server, a real LLM server on loopback, a real store."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,25 @@ def test_two_rounds_on_the_embedded_model(prefect_server: None, embedded_llm: st
     assert manifest2.pool_size_before == manifest.pool_size_before + manifest.counts["kept"]
     index = store.read_table(2, "pool_index")
     assert index.column("id").to_pylist() == store.read_table(2, "instructions").column("id").to_pylist()
+
+    # The Prefect API holds the round's artifacts under stable keys, with the manifest's counts.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.artifacts import COUNTS_KEY, PROGRESS_KEY, SAMPLES_KEY
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[COUNTS_KEY, SAMPLES_KEY, PROGRESS_KEY])
+            )
+        )
+    by_key: dict[str, list[object]] = {}
+    for artifact in artifacts:
+        by_key.setdefault(str(artifact.key), []).append(artifact)
+    assert len(by_key[COUNTS_KEY]) == 2 and len(by_key[SAMPLES_KEY]) == 2 and len(by_key[PROGRESS_KEY]) >= 2
+    latest = max(by_key[COUNTS_KEY], key=lambda a: a.created)  # type: ignore[attr-defined]
+    rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data  # type: ignore[attr-defined]
+    from tasks.artifacts import counts_rows
+
+    assert rows == counts_rows(manifest2.counts)

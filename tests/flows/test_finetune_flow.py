@@ -1,4 +1,4 @@
-"""The finetune and evaluate flows and their CLI commands, on a real Prefect server with the embedded model."""
+"""The finetune and evaluate flows and their CLI commands, on a real Prefect server and the embedded model."""
 
 import json
 import time
