@@ -143,6 +143,8 @@ def test_store_identity(store: Store, tmp_path: Path, monkeypatch: pytest.Monkey
     assert concurrency_limit_name("./store") == concurrency_limit_name(store)
     assert concurrency_limit_name(Store(str(tmp_path / "other"))) != concurrency_limit_name(store)
     assert event_id("a", 0, [1, 2]) == event_id("a", 0, [1, 2]) != event_id("a", 0, [1, 2, 3])
+    # An object store is announced by its URL (opening it does not connect).
+    assert store_root_url(Store("s3://my-bucket/selfinstruct")) == "s3://my-bucket/selfinstruct"
 
 
 # -- against a real Prefect server -----------------------------------------------------------------
