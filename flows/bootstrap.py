@@ -7,7 +7,9 @@ from prefect.runtime import flow_run
 
 from schemas import RoundParams, Settings
 from tasks.artifacts import ProgressArtifact, publish_round
+from tasks.events import emit_data_ready_if_due, round_slot
 from tasks.llm import generate_in_tasks
+from tasks.report import publish_report
 from tasks.steps import (
     RoundResult,
     apply_classification,
@@ -40,73 +42,80 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
     config = params.config
     logger = get_run_logger()
     run_id = str(flow_run.id or uuid.uuid4())
-    ctx = open_round(params.store_url or settings.store_url, params.seeds_path, config, settings, run_id)
-    logger.info(
-        "round %d of %s: pool of %d instructions", ctx.number, redact_url(ctx.store.url), ctx.pool.size
-    )
-    cache = StoreCompletionCache(ctx.store, ctx.number)
-    progress = ProgressArtifact(f"Round {ctx.number} generation")
+    store_url = params.store_url or settings.store_url
+    # One round at a time per store: a Prefect global concurrency limit, with the store's exclusive
+    # round claim as the last line of defense.
+    with round_slot(store_url):
+        ctx = open_round(store_url, params.seeds_path, config, settings, run_id)
+        logger.info(
+            "round %d of %s: pool of %d instructions", ctx.number, redact_url(ctx.store.url), ctx.pool.size
+        )
+        cache = StoreCompletionCache(ctx.store, ctx.number)
+        progress = ProgressArtifact(f"Round {ctx.number} generation")
 
-    with llm_endpoints(params.llm_urls, settings) as urls:
-        plans = plan_instruction_prompts_task(ctx.pool, config, ctx.number)
-        new = generate_in_tasks(
-            instruction_requests(plans, config, ctx.number),
-            config.instruction_sampling,
-            settings,
-            urls,
-            cache,
-            on_progress=progress.callback("instructions"),
-            model=ctx.model,
-        )
-        candidates, filtered = collect_candidates_task(plans, new, config, ctx.number)
-        accepted, duplicates = dedup_candidates_task(
-            candidates, ctx.pool, config, ctx.number, ctx.model, settings.dask_address
-        )
-        answers = generate_in_tasks(
-            classify_requests(accepted, config, ctx.number),
-            config.classify_sampling,
-            settings,
-            urls,
-            cache,
-            on_progress=progress.callback("classification"),
-            model=ctx.model,
-        )
-        classified = apply_classification(accepted, answers)
-        outputs = generate_in_tasks(
-            instance_requests(classified, config, ctx.number),
-            config.instance_sampling,
-            settings,
-            urls,
-            cache,
-            on_progress=progress.callback("instances"),
-            model=ctx.model,
-        )
-    instructions, instances, unusable = collect_instances_task(classified, outputs, config, ctx.number)
+        with llm_endpoints(params.llm_urls, settings) as urls:
+            plans = plan_instruction_prompts_task(ctx.pool, config, ctx.number)
+            new = generate_in_tasks(
+                instruction_requests(plans, config, ctx.number),
+                config.instruction_sampling,
+                settings,
+                urls,
+                cache,
+                on_progress=progress.callback("instructions"),
+                model=ctx.model,
+            )
+            candidates, filtered = collect_candidates_task(plans, new, config, ctx.number)
+            accepted, duplicates = dedup_candidates_task(
+                candidates, ctx.pool, config, ctx.number, ctx.model, settings.dask_address
+            )
+            answers = generate_in_tasks(
+                classify_requests(accepted, config, ctx.number),
+                config.classify_sampling,
+                settings,
+                urls,
+                cache,
+                on_progress=progress.callback("classification"),
+                model=ctx.model,
+            )
+            classified = apply_classification(accepted, answers)
+            outputs = generate_in_tasks(
+                instance_requests(classified, config, ctx.number),
+                config.instance_sampling,
+                settings,
+                urls,
+                cache,
+                on_progress=progress.callback("instances"),
+                model=ctx.model,
+            )
+        instructions, instances, unusable = collect_instances_task(classified, outputs, config, ctx.number)
 
-    manifest = write_round_task(
-        ctx.store,
-        ctx.pool,
-        RoundResult(
-            number=ctx.number,
-            run_id=run_id,
-            model=ctx.model,
-            seeds_sha256=ctx.seeds_sha256,
-            pool_size_before=ctx.pool_size_before,
-            index_start=ctx.index_start,
-            vocab_start=ctx.vocab_start,
-            prompts=len(plans),
-            candidates_parsed=len(candidates) + sum(1 for r in filtered if r.reason != "unparseable"),
-            instructions=instructions,
-            instances=instances,
-            rejected=filtered + duplicates + unusable,
-            completions=new + answers + outputs,
-        ),
-        config,
-    )
-    publish_round(ctx.store, manifest, instructions, instances)
-    logger.info("round %d committed: %s", manifest.round, manifest.counts)
-    return {
-        "round": manifest.round,
-        "counts": manifest.counts,
-        "location": ctx.store.location(manifest.round),
-    }
+        manifest = write_round_task(
+            ctx.store,
+            ctx.pool,
+            RoundResult(
+                number=ctx.number,
+                run_id=run_id,
+                model=ctx.model,
+                seeds_sha256=ctx.seeds_sha256,
+                pool_size_before=ctx.pool_size_before,
+                index_start=ctx.index_start,
+                vocab_start=ctx.vocab_start,
+                prompts=len(plans),
+                candidates_parsed=len(candidates) + sum(1 for r in filtered if r.reason != "unparseable"),
+                instructions=instructions,
+                instances=instances,
+                rejected=filtered + duplicates + unusable,
+                completions=new + answers + outputs,
+            ),
+            config,
+        )
+        publish_round(ctx.store, manifest, instructions, instances)
+        # The event goes out before the report, so a plotting error cannot hold back a fine-tune.
+        emit_data_ready_if_due(ctx.store, params.data_ready_threshold)
+        publish_report(ctx.store, manifest.round)
+        logger.info("round %d committed: %s", manifest.round, manifest.counts)
+        return {
+            "round": manifest.round,
+            "counts": manifest.counts,
+            "location": ctx.store.location(manifest.round),
+        }

@@ -223,7 +223,9 @@ def verify(
 
 def main() -> None:
     """Console-script entry point."""
+    from selfinstruct import cli_ops
     from selfinstruct.cli_llm import llm_app
 
+    cli_ops.register(app)
     app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
     app()

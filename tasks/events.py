@@ -254,5 +254,6 @@ def round_slot(store: Store | str, timeout_seconds: float | None = None) -> Iter
     name = concurrency_limit_name(store)
     ensure_concurrency_limit(name)
     # strict: if the limit vanished between creation and acquisition, fail rather than run unguarded.
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+    # The shortest lease the server allows (60 s): a killed run's rerun waits about that long, not 5 min.
+    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True, lease_duration=60):
         yield
