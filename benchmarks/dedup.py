@@ -255,6 +255,7 @@ class Bootstrap:
     kept: int
     pairs: int
     seconds: float
+    cpu_seconds: float
     rss_start_mib: float
     peak_rss_mib: float
 
@@ -270,6 +271,8 @@ def simulate_bootstrap(target: int, round_size: int, seed_count: int, seed: int)
     index.add([f"seed{i}" for i in range(seed_count)], [next(generator) for _ in range(seed_count)])
     rounds = candidates = pairs = 0
     seconds = 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_start = usage.ru_utime + usage.ru_stime
     while len(index) < target:
         rounds += 1
         batch = [next(generator) for _ in range(round_size)]
@@ -282,8 +285,10 @@ def simulate_bootstrap(target: int, round_size: int, seed_count: int, seed: int)
             pairs += size_before + kept_before
             kept_before += decision.keep
         candidates += len(batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Bootstrap(rounds, candidates, len(index) - seed_count, pairs, seconds, rss_start, peak)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - cpu_start  # includes generating the texts, a few seconds
+    kept = len(index) - seed_count
+    return Bootstrap(rounds, candidates, kept, pairs, seconds, cpu, rss_start, usage.ru_maxrss / 1024)
 
 
 def cpu_model() -> str:
@@ -340,12 +345,17 @@ def main() -> None:
         "(b) speedup over the reference (lineage on / off)",
         f"{rate_on / ref_rate:,.0f}x / {rate_off / ref_rate:,.0f}x",
     )
-    table.add_row("(b) decision and max-F mismatches vs reference", f"{mismatches} of {len(reference)}")
+    rejected = sum(not keep for keep, _ in reference)
+    table.add_row(
+        "(b) decision and max-F mismatches vs reference",
+        f"{mismatches} of {len(reference)} ({rejected} rejected)",
+    )
     table.add_row(
         f"(c) bootstrap to {target:,}: rounds x candidates",
         f"{boot.rounds} x {round_size:,} = {boot.candidates:,}",
     )
     table.add_row("(c) kept / pairs compared", f"{boot.kept:,} / {boot.pairs / 1e9:,.2f} G")
+    table.add_row("(c) CPU time of its process (user + sys)", f"{boot.cpu_seconds:,.1f} s")
     table.add_row(
         "(c) wall time (lineage on)",
         f"{boot.seconds:,.1f} s ({boot.pairs / boot.seconds / 1e6:,.1f} M pairs/s)",
@@ -355,6 +365,10 @@ def main() -> None:
         f"{boot.peak_rss_mib:,.0f} MiB ({boot.rss_start_mib:,.0f})",
     )
     console.print(table)
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    console.print(
+        f"load average at the end (1, 5, 15 min): {load}; other work on the machine slows every row"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One Self-Instruct bootstrap round as a Prefect flow."""
 
 import uuid
+from contextlib import nullcontext
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -45,7 +46,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
     store_url = params.store_url or settings.store_url
     # One round at a time per store: a Prefect global concurrency limit, with the store's exclusive
     # round claim as the last line of defense.
-    with round_slot(store_url):
+    with round_slot(store_url) if params.store_slot else nullcontext():
         ctx = open_round(store_url, params.seeds_path, config, settings, run_id)
         logger.info(
             "round %d of %s: pool of %d instructions", ctx.number, redact_url(ctx.store.url), ctx.pool.size

@@ -114,6 +114,10 @@ class RoundParams(BaseModel):
         description="OpenAI-compatible base URLs; empty = Settings, else the embedded server.",
     )
     config: BootstrapConfig = Field(default_factory=BootstrapConfig, description="The round's knobs.")
+    store_slot: bool = Field(
+        default=True,
+        description="Hold the store's Prefect global concurrency slot so rounds on one store queue up.",
+    )
     data_ready_threshold: int = Field(
         default=0,
         ge=0,

@@ -1,7 +1,7 @@
 """Configs and records of fine-tuning on the generated data, and of the held-out evaluation."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,7 +17,7 @@ class FinetuneParams(BaseModel):
     store_url: str | None = Field(
         default=None, description="Store root; None = SELFINSTRUCT_STORE_URL or ./data."
     )
-    rounds: list[int] | None = Field(
+    rounds: list[Annotated[int, Field(ge=1)]] | None = Field(
         default=None, description="Committed rounds to train on; None = all of them."
     )
     include_seeds: bool = Field(default=False, description="Also train on the human-written seed tasks.")
@@ -25,6 +25,11 @@ class FinetuneParams(BaseModel):
     max_instances: int = Field(default=5, ge=1, le=100, description="Instances used per instruction at most.")
     validation_fraction: float = Field(
         default=0.1, ge=0.0, lt=1.0, description="Share of instructions held out for the validation loss."
+    )
+    validation_max_instructions: int = Field(
+        default=1000,
+        ge=0,
+        description="Cap on validation instructions, so evaluating stays cheap on big runs.",
     )
     base_model: str | None = Field(
         default=None,

@@ -100,6 +100,14 @@ def run(
     llm_url: Annotated[
         list[str] | None, typer.Option(help="OpenAI-compatible base URL (repeatable).")
     ] = None,
+    store_slot: Annotated[
+        bool | None,
+        typer.Option(
+            "--store-slot/--no-store-slot",
+            help="Queue behind other runs on this store with a Prefect global concurrency slot (default: on "
+            "with a Prefect server, off in ephemeral mode, where no server frees a dead run's slot).",
+        ),
+    ] = None,
 ) -> None:
     """Run bootstrap rounds and print what each one kept and rejected."""
     from tasks.seeds import SeedFileError, load_seeds
@@ -126,6 +134,7 @@ def run(
                 seeds_path=str(seeds) if seeds else None,
                 llm_urls=urls,
                 config=round_config,
+                store_slot=bool(os.environ.get("PREFECT_API_URL")) if store_slot is None else store_slot,
             )
             try:
                 summary = bootstrap_round(params)

@@ -27,6 +27,13 @@ class Format(StrEnum):
     sft = "sft"
 
 
+def _where(store_obj: Any) -> str:
+    """A store's root for messages, credentials removed."""
+    from tasks.store import redact_url
+
+    return redact_url(store_obj.url)
+
+
 def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
     """The committed rounds `spec` names, or a one-line error."""
     from tasks.export import ExportError, select_rounds
@@ -34,7 +41,7 @@ def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
     try:
         return select_rounds(spec, store_obj.committed_rounds())
     except ExportError as error:
-        fail(f"{error} (store {store_obj!r})")
+        fail(f"{error} (store {_where(store_obj)})")
         raise
 
 
@@ -60,7 +67,7 @@ def export(
     try:
         result = write_export(store_obj, out, fmt.value, rounds, include_seeds, seeds, max_instances, seed)
     except (ExportError, SeedFileError, TemplateError) as error:
-        fail(f"{error} (store {store_obj!r})" if isinstance(error, ExportError) else str(error))
+        fail(f"{error} (store {_where(store_obj)})" if isinstance(error, ExportError) else str(error))
         raise
     stats = result.stats
     table = Table(title=f"Export ({fmt.value})")
@@ -159,7 +166,7 @@ def evaluate(
         if finetune_id is None:
             finetune_id = latest_finetune(store_obj)
             if finetune_id is None:
-                fail(f"no trained fine-tune in store {store_obj!r}; run `selfinstruct finetune` first")
+                fail(f"no trained fine-tune in store {_where(store_obj)}; run `selfinstruct finetune` first")
         elif read_finetune_manifest(store_obj, finetune_id).dry_run:
             fail(f"fine-tune {finetune_id} is a dry run: it has no adapter to evaluate")
     except FinetuneError as error:

@@ -309,6 +309,8 @@ class PoolIndex:
             ids: Instruction ids, one per text.
             texts: Instruction texts.
         """
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
         vocab, chars = self._vocab, self._chars
         seqs = []
         for text in texts:

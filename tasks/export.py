@@ -327,17 +327,19 @@ def prepare_examples(
 
 
 def split_by_instruction(
-    examples: Sequence[Example], fraction: float, seed: int
+    examples: Sequence[Example], fraction: float, seed: int, max_instructions: int | None = None
 ) -> tuple[list[Example], list[Example]]:
     """Split into train and validation so that no instruction has instances on both sides.
 
-    About `fraction` of the instructions (at least one when `fraction` > 0 and there are two or more) go to
-    validation, chosen with `seed`; the examples keep their order.
+    About `fraction` of the instructions (at least one when `fraction` > 0 and there are two or more, at most
+    `max_instructions`) go to validation, chosen with `seed`; the examples keep their order.
     """
     instructions = sorted({e.instruction for e in examples})
     wanted = round(len(instructions) * fraction)
     if fraction > 0 and len(instructions) >= 2:
         wanted = min(max(wanted, 1), len(instructions) - 1)
+    if max_instructions is not None:
+        wanted = min(wanted, max_instructions)
     held = set(random.Random(f"{seed}:split").sample(instructions, wanted))
     return [e for e in examples if e.instruction not in held], [e for e in examples if e.instruction in held]
 

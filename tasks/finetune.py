@@ -252,7 +252,9 @@ def build_training_data(
     examples, stats = prepare_examples(instructions, instances, seed_tasks, params.max_instances, params.seed)
     if not examples:
         raise ExportError(f"rounds {format_rounds(rounds)} hold no usable instances")
-    train, validation = split_by_instruction(examples, params.validation_fraction, params.seed)
+    train, validation = split_by_instruction(
+        examples, params.validation_fraction, params.seed, params.validation_max_instructions
+    )
     train_bytes = jsonl_bytes(to_rows(train, "sft", params.seed))
     validation_bytes = jsonl_bytes(to_rows(validation, "sft", params.seed))
     return train_bytes, validation_bytes, rounds, stats, seeds_sha256

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import itertools
 import json
@@ -24,7 +25,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -35,8 +36,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
+from schemas.records import Stage
 
-Stage = Literal["instruction", "dedup", "classify", "instance"]
 ProgressCallback = Callable[[int, int], None]
 T = TypeVar("T")
 
@@ -695,6 +696,61 @@ def _task_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return log
 
 
+class _ProgressRelay:
+    """Delivers progress from the session's event loop to the caller's callback on a thread of its own.
+
+    The callback may call Prefect's API (a progress artifact): in the loop thread that would block every
+    request in flight, and Prefect's sync/async dispatch would hand back an un-awaited coroutine. Updates that
+    arrive while the callback is busy are coalesced: only the latest count matters.
+    """
+
+    def __init__(self, callback: ProgressCallback, n_chunks: int, total: int) -> None:
+        self._callback = callback
+        self._chunk_done = [0] * n_chunks
+        self._total = total
+        self._latest: tuple[int, int] | None = None
+        self._closing = False
+        self._wake = threading.Condition()
+        # The caller's context carries Prefect's flow run and API settings into the relay thread.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._deliver,), name="llm-progress", daemon=True
+        )
+        self._thread.start()
+
+    def for_chunk(self, index: int) -> ProgressCallback:
+        """The `on_progress` of one chunk; reports the sum over all chunks."""
+
+        def report(done: int, _total: int) -> None:
+            with self._wake:
+                # Max, not assignment: a retried task run reports its chunk from zero again.
+                self._chunk_done[index] = max(self._chunk_done[index], done)
+                self._latest = (sum(self._chunk_done), self._total)
+                self._wake.notify()
+
+        return report
+
+    def close(self) -> None:
+        """Deliver the last update and stop the thread."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _deliver(self) -> None:
+        while True:
+            with self._wake:
+                while self._latest is None and not self._closing:
+                    self._wake.wait()
+                latest, self._latest = self._latest, None
+                if latest is None:
+                    return
+            try:
+                self._callback(*latest)
+            except Exception:  # a broken progress display must not fail the round
+                log.exception("progress callback failed")
+
+
 # Chunk task runs in flight at once: two are enough for the next chunk to fill the HTTP slots that the
 # current chunk's last batches leave free.
 _CHUNKS_IN_FLIGHT = 2
@@ -736,19 +792,7 @@ def generate_in_tasks(
     chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
     if not chunks:
         return []
-    chunk_done = [0] * len(chunks)
-
-    def progress_of(i: int) -> ProgressCallback | None:
-        if on_progress is None:
-            return None
-
-        def report(done: int, _total: int) -> None:
-            # Max, not sum: a retried task run reports its chunk from zero again.
-            chunk_done[i] = max(chunk_done[i], done)
-            on_progress(sum(chunk_done), len(requests))
-
-        return report
-
+    relay = _ProgressRelay(on_progress, len(chunks), len(requests)) if on_progress is not None else None
     results: list[list[CompletionRecord]] = []
     runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=_CHUNKS_IN_FLIGHT)
     with GenerationSession(settings, base_urls) as session, runner:
@@ -764,7 +808,7 @@ def generate_in_tasks(
                         "base_urls": base_urls,
                         "cache": cache,
                         "session": session,
-                        "on_progress": progress_of(next_chunk),
+                        "on_progress": relay.for_chunk(next_chunk) if relay is not None else None,
                     }
                     pending.append(runner.submit(generate_chunk, parameters=parameters))
                     next_chunk += 1
@@ -775,6 +819,9 @@ def generate_in_tasks(
             for future in pending:
                 future.wait()
             raise
+        finally:
+            if relay is not None:
+                relay.close()
     return [r for chunk in results for r in chunk]
 
 

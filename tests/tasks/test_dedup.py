@@ -438,6 +438,11 @@ def test_export_tables() -> None:
     assert entries.schema.field("token_ids").type == pa.list_(pa.int32())
     assert vocab.to_pylist() == [{"token": "story", "token_id": 3}]
     assert index.vocab_size == 4
+    nothing_new = index.export(len(index), index.vocab_size)
+    index.load(*nothing_new)
+    assert len(index) == 2 and index.vocab_size == 4
+    with pytest.raises(ValueError, match="2 ids but 1 texts"):
+        index.add(["a", "b"], ["text"])
 
 
 # -- Dask ----------------------------------------------------------------------------------------------------

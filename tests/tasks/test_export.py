@@ -270,6 +270,7 @@ def test_split_keeps_each_instruction_on_one_side(tmp_path: Path) -> None:
     assert len(train) + len(validation) == len(examples)
     assert validation and not {e.instruction for e in train} & {e.instruction for e in validation}
     assert split_by_instruction(examples, 0.0, seed=3) == (examples, [])
+    assert len({e.instruction for e in split_by_instruction(examples, 0.5, 3, max_instructions=2)[1]}) == 2
 
 
 def test_sft_rows_use_every_template_and_the_choice_is_stable(tmp_path: Path) -> None:

@@ -381,16 +381,28 @@ def test_generate_in_tasks_runs_one_task_per_chunk(prefect_server: None, fake_op
     cache = DictCache()
     requests = requests_for(20)
 
+    progress: list[tuple[int, int, bool]] = []
+
+    def on_progress(done: int, total: int) -> None:
+        # Progress arrives off the event loop, so that it may call Prefect's sync API (artifacts).
+        try:
+            asyncio.get_running_loop()
+            in_loop = True
+        except RuntimeError:
+            in_loop = False
+        progress.append((done, total, in_loop))
+
     @flow
     def round_flow() -> tuple[str, list[CompletionRecord]]:
         from prefect.runtime import flow_run
 
-        records = generate_in_tasks(requests, PARAMS, settings, [fake.url], cache)
+        records = generate_in_tasks(requests, PARAMS, settings, [fake.url], cache, on_progress=on_progress)
         return str(flow_run.id), records
 
     flow_run_id, records = round_flow()
     assert [r.text for r in records] == [expected_text(r.prompt, 1) for r in requests]
     assert fake.max_in_flight == 3 and fake.requests == 10 and len(cache.puts) == 10
+    assert progress[-1] == (20, 20, False) and not any(in_loop for _, _, in_loop in progress)
 
     async def task_run_names() -> list[str]:
         async with get_client() as client:
