@@ -15,8 +15,10 @@ reproduces `rouge_score`'s decisions bit for bit, far faster:
 * The pool is cut into fixed blocks of positions; inside a block instructions are ordered by token count, so
   that for one candidate F rises with the LCS inside each run of equal counts. Maxima, top-k and sums are then
   taken on the small integer LCS matrix per run; F is evaluated only for the few pairs that can reach a row's
-  top k. Every block is scored on its own and the results are merged in block order, which is what lets a
-  Dask cluster score shards of the pool with results identical to a single process.
+  top k. Blocks are scored independently (threads, or shards on a Dask cluster) and merged: top k by
+  (F, position), and the mean from exact integer LCS sums, so no layout changes a single bit.
+* Candidates kept earlier in the same call are scored like one more block, chunk by chunk; only the maxima
+  within a chunk are walked one candidate at a time.
 
 Only the pure functions live here; the Prefect task that calls `deduplicate` lives in `tasks.steps`.
 """
@@ -594,8 +596,9 @@ def _score_blocks_dask(
     from distributed import Client
 
     with Client(address, set_as_default=False) as client:
-        cands_future = client.scatter(cands, broadcast=True)
-        shards = client.scatter(blocks)  # spreads the pool's blocks over the workers
+        # hash=False: content hashing of big payloads costs time and nothing is reused across calls.
+        cands_future = client.scatter(cands, broadcast=True, hash=False)
+        shards = client.scatter(blocks, hash=False)  # spreads the pool's blocks over the workers
         futures = [
             client.submit(_score_block, cands_future, shard, k, with_sums, pure=False) for shard in shards
         ]

@@ -15,8 +15,9 @@ from schemas import (
     RoundManifest,
     SamplingParams,
     SeedTask,
+    Settings,
 )
-from schemas.training import ExportFormat
+from schemas.training import ExportFormat, FinetuneParams
 from tasks.export import (
     ExportError,
     TemplateError,
@@ -370,3 +371,15 @@ def test_export_cli(tmp_path: Path) -> None:
     assert failed.exit_code != 0
     assert "no committed rounds" in failed.output
     assert not (tmp_path / "n.jsonl").exists()
+
+
+def test_export_and_training_data_on_s3(s3_settings: Settings, tmp_path: Path) -> None:
+    from tasks.finetune import upload_training_data
+
+    store = Store(s3_settings.store_url, s3_settings)
+    write_round(store, TASKS[:4])
+    result = write_export(store, tmp_path / "out.jsonl", "jsonl")
+    assert result.rows == 11 and result.rounds == [1]
+    data = upload_training_data(store, "ft-s3", FinetuneParams(store_url=store.url))
+    assert data.rows["train"] + data.rows["validation"] == 11
+    assert store.list_names("finetunes/ft-s3/data") == ["train.jsonl", "validation.jsonl"]
