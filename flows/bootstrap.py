@@ -6,10 +6,10 @@ from contextlib import nullcontext
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from schemas import RoundParams, Settings
+from schemas import CompletionRecord, RoundParams, SamplingParams, Settings
 from tasks.artifacts import ProgressArtifact, publish_round
 from tasks.events import emit_data_ready_if_due, round_slot
-from tasks.llm import generate_in_tasks
+from tasks.llm import CompletionRequest, generate_in_tasks
 from tasks.report import publish_report
 from tasks.steps import (
     RoundResult,
@@ -55,38 +55,34 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
         progress = ProgressArtifact(f"Round {ctx.number} generation")
 
         with llm_endpoints(params.llm_urls, settings) as urls:
+
+            def complete(
+                requests: list[CompletionRequest], sampling: SamplingParams, stage: str
+            ) -> list[CompletionRecord]:
+                return generate_in_tasks(
+                    requests,
+                    sampling,
+                    settings,
+                    urls,
+                    cache,
+                    on_progress=progress.callback(stage),
+                    model=ctx.model,
+                )
+
             plans = plan_instruction_prompts_task(ctx.pool, config, ctx.number)
-            new = generate_in_tasks(
-                instruction_requests(plans, config, ctx.number),
-                config.instruction_sampling,
-                settings,
-                urls,
-                cache,
-                on_progress=progress.callback("instructions"),
-                model=ctx.model,
+            new = complete(
+                instruction_requests(plans, config, ctx.number), config.instruction_sampling, "instructions"
             )
             candidates, filtered = collect_candidates_task(plans, new, config, ctx.number)
             accepted, duplicates = dedup_candidates_task(
                 candidates, ctx.pool, config, ctx.number, ctx.model, settings.dask_address
             )
-            answers = generate_in_tasks(
-                classify_requests(accepted, config, ctx.number),
-                config.classify_sampling,
-                settings,
-                urls,
-                cache,
-                on_progress=progress.callback("classification"),
-                model=ctx.model,
+            answers = complete(
+                classify_requests(accepted, config, ctx.number), config.classify_sampling, "classification"
             )
             classified = apply_classification(accepted, answers)
-            outputs = generate_in_tasks(
-                instance_requests(classified, config, ctx.number),
-                config.instance_sampling,
-                settings,
-                urls,
-                cache,
-                on_progress=progress.callback("instances"),
-                model=ctx.model,
+            outputs = complete(
+                instance_requests(classified, config, ctx.number), config.instance_sampling, "instances"
             )
         instructions, instances, unusable = collect_instances_task(classified, outputs, config, ctx.number)
 
