@@ -274,7 +274,7 @@ class EmbeddedServer:
         self.log_path = Path(log_name)
         env = dict(os.environ)
         if self.api_key:
-            env["SELFINSTRUCT_EMBEDDED_API_KEY"] = self.api_key  # not on the command line, where ps shows it
+            env["EMBEDDED_LLM_API_KEY"] = self.api_key  # not on the command line, where ps shows it
         # The project root, so that `-m tasks.llm_server` resolves however the caller was started.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -418,7 +418,7 @@ def _serve(argv: list[str] | None = None) -> int:
     params.warmup = False  # the warm-up decode only delays startup; the first request warms up anyway
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
-    api_key = os.environ.get("SELFINSTRUCT_EMBEDDED_API_KEY")
+    api_key = os.environ.get("EMBEDDED_LLM_API_KEY")
     if api_key:
         params.api_keys = [api_key]
     try:

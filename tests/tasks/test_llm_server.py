@@ -93,6 +93,8 @@ def test_a_server_that_dies_reports_its_log(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"exited with code 1(.|\n)*server log tail(.|\n)*broken\.gguf"):
         server.start(timeout_s=60)
     assert server.process is None
+    assert server.log_path is not None and server.log_path.exists()  # kept for the post-mortem
+    server.log_path.unlink()
 
 
 def test_child_exits_when_its_parent_goes_away(tmp_path: Path) -> None:
