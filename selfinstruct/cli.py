@@ -80,12 +80,62 @@ def load_config(path: Path | None, prompts: int | None) -> BootstrapConfig:
 
 def open_store(settings: Settings) -> Any:
     """The configured store, or a clear error."""
-    from tasks.store import Store, StoreError
+    from tasks.store import Store, StoreError, redact_url
 
     try:
-        return Store(settings.store_url, settings)
+        store_obj = Store(settings.store_url, settings)
     except StoreError as error:
         fail(str(error))
+    try:
+        # One cheap read, so missing or wrong S3 credentials, an unreachable endpoint or a store path that is
+        # a file show up as one line here instead of a traceback from inside a flow.
+        store_obj.committed_rounds()
+    except Exception as error:
+        fail(f"store {redact_url(settings.store_url)}: cannot read it ({type(error).__name__}: {error})")
+    return store_obj
+
+
+def check_llm_servers(urls: list[str], model: str, settings: Settings) -> None:
+    """Fail before anything is written when an LLM server is down, refuses the request or lacks the model.
+
+    Transient answers (5xx, 429, a timeout) pass: the round's retries deal with those.
+    """
+    import asyncio
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    from tasks.llm import LLMError
+    from tasks.store import redact_url
+
+    for url in urls:
+        shown = redact_url(url)
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            # The URLs become Prefect flow parameters, which are stored and shown in the UI.
+            fail(f"LLM URL {shown}: put the API key in SELFINSTRUCT_API_KEY, not in the URL")
+        try:
+            httpx.get(f"{url}/models", timeout=10.0)
+        except httpx.TransportError as error:
+            fail(f"LLM server {shown} is unreachable ({type(error).__name__})")
+        try:
+            asyncio.run(_complete_one_token(url, model, settings))
+        except LLMError as error:
+            if not error.retryable:  # a 4xx: unknown model, bad API key, a request the server refuses
+                fail(f"LLM server check failed: {error}")
+
+
+async def _complete_one_token(url: str, model: str, settings: Settings) -> None:
+    from schemas import SamplingParams
+    from tasks.llm import OpenAICompletionClient
+
+    client = OpenAICompletionClient(
+        [url], model, api_key=settings.api_key, timeout_s=min(settings.llm_timeout_s, 30.0), max_retries=0
+    )
+    try:
+        await client.complete(["Say OK."], SamplingParams(max_tokens=1), None, "instruction")
+    finally:
+        await client.aclose()
 
 
 @app.command()
@@ -118,16 +168,22 @@ def run(
         load_seeds(seeds)
     except SeedFileError as error:
         fail(str(error))
+    check_llm_servers(
+        [u.rstrip("/") for u in llm_url or []] or settings.llm_urls(),
+        round_config.model or settings.model,
+        settings,
+    )
     store_obj = open_store(settings)
     prepare_prefect_env(local_data_dir(settings))
 
     from flows.bootstrap import bootstrap_round
     from schemas import RoundParams
     from tasks.steps import llm_endpoints
+    from tasks.store import redact_url
 
     summaries = []
     with llm_endpoints(list(llm_url or []), settings) as urls:
-        console.print(f"LLM server(s): {', '.join(urls)}")
+        console.print(f"LLM server(s): {', '.join(redact_url(u) for u in urls)}")
         for _ in range(rounds):
             params = RoundParams(
                 store_url=settings.store_url,
@@ -232,9 +288,10 @@ def verify(
 
 def main() -> None:
     """Console-script entry point."""
-    from selfinstruct import cli_ops
+    from selfinstruct import cli_ops, cli_train
     from selfinstruct.cli_llm import llm_app
 
     cli_ops.register(app)
+    cli_train.register(app)
     app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
     app()

@@ -292,7 +292,7 @@ def _loss_callback(log: Callable[[str], None]) -> Any:
     """A Trainer callback that sends each log line to `log` instead of stdout."""
     from transformers import TrainerCallback
 
-    class LogToLogger(TrainerCallback):  # type: ignore[misc]
+    class LogToLogger(TrainerCallback):
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
         ) -> None:
@@ -571,10 +571,15 @@ def train_task(params: FinetuneParams, finetune_id: str) -> TrainedAdapter:
         finetune_id,
         metrics.steps,
         metrics.train_runtime_s,
-        metrics.train_loss_first,
-        metrics.train_loss_last,
-        metrics.eval_loss_before,
-        metrics.eval_loss_after,
+        *(
+            "-" if value is None else f"{value:.4f}"
+            for value in (
+                metrics.train_loss_first,
+                metrics.train_loss_last,
+                metrics.eval_loss_before,
+                metrics.eval_loss_after,
+            )
+        ),
     )
     return trained
 

@@ -11,6 +11,7 @@ the prompt itself; per-prompt seeds work too but then every batch holds a single
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
@@ -18,6 +19,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import ssl
 import threading
 import time
@@ -49,6 +51,7 @@ _KEY_VERSION = 1
 _RETRY_STATUSES = frozenset({408, 429})
 _MAX_ERROR_CHARS = 500
 _REQUESTS_PER_POOL = 8
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,7 @@ class OpenAICompletionClient:
                 stage=stage,
                 request_id=request_id,
                 prompt=prompt,
-                text=choice["text"],
+                text=_encodable(choice["text"]),
                 finish_reason=choice.get("finish_reason"),
                 prompt_tokens=prompt_tokens,
                 completion_tokens=n,
@@ -446,6 +449,14 @@ class OpenAICompletionClient:
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates (JSON can carry "\\ud800"; UTF-8 cannot) replaced by U+FFFD.
+
+    One such character would otherwise fail every Parquet write of the completion, on every rerun.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _as_count(value: Any) -> int:
@@ -622,8 +633,11 @@ class GenerationSession:
 
 
 def _retry_unless_rejected(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a request the server rejected (4xx) fails the same way every time."""
+    """Prefect retry condition: a request the server rejected (4xx) fails the same way every time, and a
+    chunk cancelled because another chunk failed for good (`cancel_all`) must stop, not retry 10 s later."""
     error = state.data
+    if isinstance(error, asyncio.CancelledError | concurrent.futures.CancelledError):
+        return False
     return not (isinstance(error, LLMError) and not error.retryable)
 
 

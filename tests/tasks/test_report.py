@@ -237,11 +237,16 @@ def test_publish_report_links_an_artifact(prefect_server: None, tmp_path: Path) 
     def report_flow() -> str:
         return publish_report(store, number)
 
-    location = report_flow()
+    state = report_flow(return_state=True)
+    location = state.result()
     assert location.endswith("rounds/round=00001/report.html")
+    # The Prefect server is shared by the session: look only at this flow run's artifacts.
+    run_id = str(state.state_details.flow_run_id)
     with get_client(sync_client=True) as client:
         response = client.request(
-            "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": [REPORT_KEY]}}}
+            "POST",
+            "/artifacts/filter",
+            json={"artifacts": {"key": {"any_": [REPORT_KEY]}, "flow_run_id": {"any_": [run_id]}}},
         )
     artifacts = response.json()
     assert len(artifacts) == 1
