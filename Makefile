@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ROUNDS ?= 2
+PROMPTS ?= 8
 
 .PHONY: setup run test lint clean
 
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/selfinstruct run --rounds $(ROUNDS)
+	$(BIN)/selfinstruct run --rounds $(ROUNDS) --prompts $(PROMPTS)
 
 lint: setup
 	$(BIN)/ruff check .
