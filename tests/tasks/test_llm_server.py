@@ -153,23 +153,26 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
     code = "from selfinstruct.cli_llm import llm_app; llm_app()"
     args = ["serve", "--port", "0", "--parallel", "1", "--ctx-per-slot", "256", "--cache-dir", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    # stderr to a file: the server logs a lot there, and an unread pipe would fill up and block it.
+    errors = (tmp_path / "serve.err").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors
     )
     try:
-        url = _read_url(process, timeout_s=60)
+        url = _read_url(process, timeout_s=120, stderr_path=tmp_path / "serve.err")
         assert httpx.get(f"{url}/models").status_code == 200
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
+        errors.close()
     assert process.returncode == 0 and b"stopped" in out
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/models")
 
 
-def _read_url(process: subprocess.Popen[bytes], timeout_s: float) -> str:
+def _read_url(process: subprocess.Popen[bytes], timeout_s: float, stderr_path: Path) -> str:
     """The URL line `serve` prints once the server answers."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
@@ -180,6 +183,4 @@ def _read_url(process: subprocess.Popen[bytes], timeout_s: float) -> str:
                 return line
             if not line and process.poll() is not None:
                 break
-    raise AssertionError(
-        f"no URL printed; stderr: {process.stderr.read().decode() if process.stderr else ''}"
-    )
+    raise AssertionError(f"no URL printed; stderr: {stderr_path.read_text(errors='replace')[-2000:]}")
