@@ -61,7 +61,7 @@ def claims_of_an_exited_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Round claims written in-process name a process that has exited, as a failed CLI run's claim does.
 
     In-process runs share the test's pid, which is alive, so a rerun would rightly take the failed run's
-    claim for a live one (a flow retry in one process meets the same claim: see the report).
+    claim for a live one (so would a retry of the flow in the same process).
     """
     exited = subprocess.Popen(["true"])
     exited.wait()
@@ -171,8 +171,9 @@ def test_s3_frozen_mid_commit_then_resumed(
     moto_s3: tuple[MotoProcess, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Freeze the endpoint after k of the round's six files (seeded k): the commit fails, readers see an
-    error (never a partial round), and once it resumes the round is absent until a rerun commits it."""
+    """Freeze the endpoint after k of the round's six files (seeded k). The commit fails on its next request
+    (a HEAD that times out), a reader sees an error (never a partial round), and once the endpoint resumes
+    the round is absent until a rerun commits it, from cached completions only."""
     moto, store_url = moto_s3
     files_before_freeze = random.Random(SEED).randint(1, 5)
     original = Store.write_table

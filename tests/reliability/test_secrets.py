@@ -8,6 +8,7 @@ disk, and everything the CLI printed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.bootstrap import bootstrap_round
-from schemas import BootstrapConfig, RoundParams, Settings
+from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
 from tasks.llm import LLMError, OpenAICompletionClient
 from tasks.llm import redact_url as redact_llm_url
@@ -78,9 +79,11 @@ def _prefect_records() -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 def test_no_secret_in_store_prefect_or_output(
     prefect_server: None, s3_settings: Settings, tmp_path: Path
 ) -> None:
+    """The API key and the S3 secret appear nowhere: not in the bucket, Prefect's API or files, or output."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     assert s3_settings.s3_endpoint_url is not None
@@ -124,6 +127,7 @@ def test_no_secret_in_store_prefect_or_output(
 def test_credentials_in_urls_are_refused_and_redacted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A password in an LLM URL is refused (shown as ***), and redacted wherever a URL is shown."""
     url = f"http://user:pa55word@127.0.0.1:{free_port()}/v1"
     # On the command line and in SELFINSTRUCT_LLM_URL: the URLs would become Prefect flow parameters.
     for args in (["--llm-url", url], []):
@@ -135,11 +139,8 @@ def test_credentials_in_urls_are_refused_and_redacted(
     assert not (tmp_path / "store").exists()
     assert redact_store_url(url) == url.replace("user:pa55word", "***")
     assert redact_llm_url(url + "?token=abc#frag") == url.replace("user:pa55word@", "")
+
     # The client's own errors leave the password out too.
-    import asyncio
-
-    from schemas import SamplingParams
-
     async def attempt() -> None:
         client = OpenAICompletionClient([url], "m", max_retries=0, timeout_s=2)
         try:
@@ -153,6 +154,7 @@ def test_credentials_in_urls_are_refused_and_redacted(
 
 
 def test_round_numbers_and_paths_cannot_leave_the_root(tmp_path: Path) -> None:
+    """Round numbers and file names are validated before any path is built from them."""
     root = tmp_path / "root"
     store = Store(str(root))
     for number in (0, -1, 100_000, True, 1.0, "1"):
@@ -215,6 +217,7 @@ class HostileModel(ModelLikeFake):
         return result
 
 
+@pytest.mark.slow
 def test_model_output_is_data(prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Paths, template syntax, HTML, console markup and SQL in model output are stored as plain text; no
     template fills them in, nothing is written where they point, and a lone surrogate cannot wedge a round."""
