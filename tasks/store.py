@@ -349,6 +349,9 @@ class Store:
             )
         data = manifest.model_dump_json(indent=2).encode()
         if not self._exclusive_write(self._path(manifest.round, MANIFEST), data):
+            # A retried write whose first response was lost finds its own manifest: that is success.
+            if self.read_manifest(manifest.round).run_id == manifest.run_id:
+                return
             raise StoreError(f"round {manifest.round} was already committed; nothing written")
 
     def file_checksum(self, number: int, name: str) -> str:

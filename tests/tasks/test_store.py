@@ -68,8 +68,12 @@ def test_committed_round_is_immutable(store: Store) -> None:
     number = store.claim_next_round("run-a")
     manifest = _manifest(store, number, "run-a")
     store.commit(manifest)
+    store.commit(manifest)  # the same run retrying a write whose response was lost: no error, no change
+    other = manifest.model_copy(update={"run_id": "run-b"})
+    store.fs.pipe_file(store._claims(1)[-1], json.dumps({"run_id": "run-b"}).encode())
     with pytest.raises(StoreError, match="already committed"):
-        store.commit(manifest)
+        store.commit(other)
+    assert store.read_manifest(1).run_id == "run-a"
     with pytest.raises(StoreError, match="immutable"):
         store.write_table(1, "instances", ARROW_SCHEMAS["instances"].empty_table())
 
