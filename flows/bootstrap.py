@@ -25,10 +25,17 @@ from tasks.steps import (
     plan_instruction_prompts_task,
     write_round_task,
 )
-from tasks.store import StoreCompletionCache, redact_url
+from tasks.store import StoreCompletionCache, end_run_claims, redact_url
 
 
-@flow(name="bootstrap-round")
+def _end_claims(flow: object, flow_run: object, state: object) -> None:
+    """A round that ends without a commit stops renewing its claim and releases it; reruns need not wait."""
+    end_run_claims(str(getattr(flow_run, "id", "")))
+
+
+@flow(
+    name="bootstrap-round", on_failure=[_end_claims], on_crashed=[_end_claims], on_cancellation=[_end_claims]
+)
 def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
     """Generate, filter, deduplicate, classify and instantiate new instructions; commit them as one round.
 

@@ -24,6 +24,18 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one HTTP request.")
     llm_max_retries: int = Field(default=5, ge=0, le=50, description="Retries on 429/5xx/timeouts.")
     dask_address: str | None = Field(default=None, description="Dask scheduler for sharded ROUGE-L scoring.")
+    claim_lease_s: float = Field(
+        default=180.0,
+        ge=1.0,
+        le=86_400.0,
+        description="Lease of a round claim: the holder renews it every third of this; once it has not been "
+        "renewed for this long, the claim is stale on any host.",
+    )
+    s3_connect_timeout_s: float = Field(default=10.0, gt=0, description="S3 connect timeout per request.")
+    s3_read_timeout_s: float = Field(default=60.0, gt=0, description="S3 read timeout per request.")
+    s3_write_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest wait for one S3 file write, retries included."
+    )
 
     def llm_urls(self) -> list[str]:
         """The configured base URLs, or an empty list when the embedded server should be used."""

@@ -15,15 +15,17 @@ Layout under the root URL (a local folder or s3://bucket/prefix):
 Readers only look at rounds that have a manifest.
 """
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
 import socket
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +40,7 @@ from schemas import CompletionRecord, FileEntry, RoundManifest, Settings
 MANIFEST = "manifest.json"
 ARTIFACT_AREAS = ("finetunes", "evaluations", "reports", "state")
 MAX_ROUND = 99_999
+DEFAULT_LEASE_S = 180.0
 
 SIMILAR = pa.struct([("id", pa.string()), ("instruction", pa.string()), ("score", pa.float64())])
 
@@ -126,7 +129,12 @@ def _open_filesystem(url: str, settings: Settings) -> tuple[fsspec.AbstractFileS
     scheme = parts.scheme.lower()
     if scheme in ("", "file") or re.fullmatch(r"[a-z]", scheme):  # a Windows drive letter is not a scheme
         path = parts.path if scheme == "file" else url
-        return fsspec.filesystem("file"), str(Path(path).expanduser().resolve())
+        if not path.strip():
+            raise StoreError(f"store URL {url!r}: no folder given")
+        try:
+            return fsspec.filesystem("file"), str(Path(path).expanduser().resolve())
+        except (OSError, ValueError, RuntimeError) as error:
+            raise StoreError(f"store URL {url[:200]!r}: not a usable folder ({error})") from None
     if scheme == "s3":
         if parts.username or parts.password:
             raise StoreError(f"store URL {redact_url(url)}: put S3 credentials in settings, not in the URL")
@@ -141,9 +149,32 @@ def _open_filesystem(url: str, settings: Settings) -> tuple[fsspec.AbstractFileS
             options["secret"] = settings.s3_secret_access_key.get_secret_value()
         # Only the store ever writes here; s3fs's listing cache would hide other writers' rounds.
         options["use_listings_cache"] = False
+        # Bounded waits: a frozen endpoint fails a request in known time instead of hanging the round.
+        options["config_kwargs"] = {
+            "connect_timeout": settings.s3_connect_timeout_s,
+            "read_timeout": settings.s3_read_timeout_s,
+            "retries": {"total_max_attempts": 2},
+        }
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
         return fs, f"{bucket}{parts.path.rstrip('/')}"
     raise StoreError(f"store URL {redact_url(url)}: unsupported scheme '{scheme}' (use a folder or s3://)")
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol
+    return protocol == "file" or (isinstance(protocol, tuple) and "file" in protocol)
+
+
+def lease_expiry(claim: dict[str, Any]) -> datetime | None:
+    """When a claim's lease runs out; claims written before leases existed get the default lease."""
+    try:
+        if "lease_expires_at" in claim:
+            expires = datetime.fromisoformat(str(claim["lease_expires_at"]))
+        else:
+            expires = datetime.fromisoformat(str(claim["claimed_at"])) + timedelta(seconds=DEFAULT_LEASE_S)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
 
 
 def _check_round(number: int) -> int:
@@ -175,6 +206,29 @@ class Store:
         self.url = url
         self.settings = settings or Settings(store_url=url)
         self.fs, self.root = _open_filesystem(url, self.settings)
+
+    def existence_problem(self, must_exist: bool) -> str | None:
+        """Why this store cannot be used, or None: a missing bucket, or (with `must_exist`) a missing store.
+
+        A local store that need not exist yet must have an existing folder above it.
+        """
+        if _is_local(self.fs):
+            root = Path(self.root)
+            if root.is_dir():
+                return None
+            if root.exists():
+                return "not a folder"
+            if must_exist:
+                return "no such store (the folder does not exist)"
+            parent = next((p for p in root.parents if p.exists()), None)
+            if parent is not None and not parent.is_dir():
+                return f"{parent} is not a folder"
+            return None
+        bucket = self.root.split("/", 1)[0]
+        # An empty prefix in an existing bucket is a new store: S3 has no folders to tell it from a typo.
+        if not self.fs.exists(bucket):
+            return f"bucket '{bucket}' does not exist"
+        return None
 
     def __repr__(self) -> str:
         return f"Store({redact_url(self.url)!r})"
@@ -220,14 +274,60 @@ class Store:
     def read_manifest(self, number: int) -> RoundManifest:
         """The manifest of a committed round."""
         with self.fs.open(self._path(number, MANIFEST), "rb") as handle:
-            return RoundManifest.model_validate_json(handle.read())
+            data = handle.read()
+        try:
+            return RoundManifest.model_validate_json(data)
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise StoreError(f"round {number}: manifest unreadable ({first[:200]})") from None
 
     def read_table(self, number: int, name: str) -> pa.Table:
-        """One Parquet file of a committed round."""
+        """One Parquet file of a committed round, checked against the sha256 its manifest records.
+
+        Raises:
+            StoreError: When the round is not committed, or the file is not in its manifest, is missing or
+                differs from the manifest's checksum (a tampered or corrupt round is never read).
+        """
         if not self.fs.exists(self._path(number, MANIFEST)):
             raise StoreError(f"round {number} is not committed")
-        with self.fs.open(self._path(number, f"{name}.parquet"), "rb") as handle:
-            return pq.read_table(handle)
+        file_name = f"{name}.parquet"
+        entry = self.read_manifest(number).files.get(file_name)
+        if entry is None:
+            raise StoreError(f"round {number}: {file_name} is not in the round's manifest")
+        try:
+            with self.fs.open(self._path(number, file_name), "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            raise StoreError(f"round {number}: {file_name} is missing; run `selfinstruct verify`") from None
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise StoreError(
+                f"round {number}: {file_name} does not match the checksum in its manifest (tampered or "
+                "corrupt); run `selfinstruct verify`"
+            )
+        return pq.read_table(pa.BufferReader(data))
+
+    def check_checksums(self, numbers: Iterable[int]) -> None:
+        """Check every file of the committed rounds `numbers` against its manifest's sha256.
+
+        Raises:
+            StoreError: Naming the first round and file that is missing or differs.
+        """
+        for number in numbers:
+            if not self.fs.exists(self._path(number, MANIFEST)):
+                raise StoreError(f"round {number} is not committed")
+            files = self.read_manifest(number).files
+            for name, entry in sorted(files.items()):
+                try:
+                    checksum = self.file_checksum(number, name)
+                except FileNotFoundError:
+                    raise StoreError(
+                        f"round {number}: {name} is missing; run `selfinstruct verify`"
+                    ) from None
+                if checksum != entry.sha256:
+                    raise StoreError(
+                        f"round {number}: {name} does not match the checksum in its manifest (tampered or "
+                        "corrupt); run `selfinstruct verify`"
+                    )
 
     def read_committed(self, name: str, rounds: Iterable[int] | None = None) -> pa.Table:
         """A file concatenated over committed rounds (all of them by default), in round order."""
@@ -245,35 +345,120 @@ class Store:
             return []
         return sorted(n for n in names if re.search(r"/claim-\d{4}\.json$", n))
 
-    def _exclusive_write(self, path: str, data: bytes) -> bool:
-        """Create `path` only if absent; False when it already existed."""
-        if self.fs.protocol == "file" or "file" in self.fs.protocol:
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    def _read_claim(self, path: str) -> dict[str, Any] | None:
+        """A claim file's content, or None when it is unreadable (empty, truncated, not JSON)."""
         try:
-            with self.fs.open(path, "xb") as handle:
+            with self.fs.open(path, "rb") as handle:
+                claim = json.loads(handle.read())
+        except (OSError, ValueError):
+            return None
+        return claim if isinstance(claim, dict) else None
+
+    def _write(self, path: str, data: bytes, mode: str = "wb") -> None:
+        """Write a whole file; on S3 within `Settings.s3_write_timeout_s` or StoreError.
+
+        botocore's read timeout does not bound a PUT that waits for "100 Continue" from a frozen endpoint
+        (aiohttp waits for it without a timeout), so S3 writes run in a worker thread with a deadline. A write
+        that times out may still land later; the manifest, written last and create-if-absent, keeps the round
+        either committed or not.
+        """
+
+        def write() -> None:
+            with self.fs.open(path, mode) as handle:
                 handle.write(data)
+
+        if _is_local(self.fs):
+            write()
+            return
+        # A daemon thread, not an executor: an executor's threads are joined at exit, and a hung one would
+        # hold the process as long as the endpoint stays frozen.
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as error:  # handed to the caller below
+                outcome.append(error)
+            else:
+                outcome.append(None)
+
+        thread = threading.Thread(target=run, name="s3-write", daemon=True)
+        thread.start()
+        thread.join(self.settings.s3_write_timeout_s)
+        if not outcome:
+            raise StoreError(
+                f"store {redact_url(self.url)}: no answer to a write within "
+                f"{self.settings.s3_write_timeout_s:g}s"
+            )
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _replace(self, path: str, data: bytes) -> None:
+        """Write `path` so that readers see the old or the new content, never a partial file."""
+        if not _is_local(self.fs):
+            self._write(path, data)  # an S3 PUT is atomic
+            return
+        temporary = Path(f"{path}.{uuid.uuid4().hex}.tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)
+
+    def _exclusive_write(self, path: str, data: bytes) -> bool:
+        """Create `path` with `data` only if absent (never seen partly written); False if it existed."""
+        if not _is_local(self.fs):
+            try:
+                self._write(path, data, "xb")  # a conditional PUT: atomic and exclusive
+            except FileExistsError:
+                return False
+            return True
+        folder = Path(path).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f".{Path(path).name}.{uuid.uuid4().hex}.tmp"
+        temporary.write_bytes(data)
+        try:
+            Path(path).hardlink_to(temporary)
         except FileExistsError:
             return False
+        finally:
+            temporary.unlink(missing_ok=True)
         return True
 
-    @staticmethod
-    def _claim_is_stale(claim: dict[str, Any], ttl_s: float) -> bool:
+    def claim_is_stale(self, claim: dict[str, Any] | None) -> bool:
+        """True when a claim no longer protects its round: unreadable, its lease expired, or (on this
+        host) its process is gone. The lease is what counts across hosts."""
+        if claim is None:
+            return True
         if claim.get("host") == socket.gethostname():
             try:
                 os.kill(int(claim["pid"]), 0)
             except ProcessLookupError:
                 return True
-            except (PermissionError, KeyError, ValueError):
+            except (PermissionError, KeyError, ValueError, TypeError):
                 pass
-        claimed_at = datetime.fromisoformat(claim["claimed_at"])
-        return (datetime.now(UTC) - claimed_at).total_seconds() > ttl_s
+        expires = lease_expiry(claim)
+        return expires is None or expires <= datetime.now(UTC)
 
-    def claim_next_round(self, run_id: str, ttl_s: float = 12 * 3600) -> int:
-        """Claim the round after the last committed one for this run.
+    def _claim_description(self, number: int, claim: dict[str, Any]) -> str:
+        expires = lease_expiry(claim)
+        until = expires.isoformat(timespec="seconds") if expires else "?"
+        return (
+            f"round {number} of store {redact_url(self.url)} is being written by run {claim.get('run_id')} "
+            f"(pid {claim.get('pid')} on {claim.get('host')}, lease renewed until {until})"
+        )
 
-        A claim left by a run that died (its process is gone on this host, or it is older than `ttl_s`)
-        is taken over, so a crashed round is redone under the same number and reuses its cached
-        completions. The claim is a create-if-absent write, so of two runs only one can hold a round.
+    def claim_next_round(self, run_id: str, lease_s: float | None = None, *, renew: bool = True) -> int:
+        """Claim the round after the last committed one for this run, under a lease.
+
+        The claim records when its lease expires; while the round is worked on, a background thread renews
+        it every third of `lease_s` (see `ClaimLease`). A claim whose lease has expired (its holder died or
+        hung, on any host), whose process is gone on this host, or that is unreadable is taken over, so a
+        crashed round is redone under the same number and reuses its cached completions. A claim by the same
+        `run_id` (a retry of the same flow run) is reused. The claim is a create-if-absent write, so of two
+        runs only one can hold a round.
+
+        Args:
+            run_id: The flow run's id.
+            lease_s: Lease length; None = Settings.claim_lease_s.
+            renew: Start the renewer thread (stopped by `commit` or `end_claim`).
 
         Returns:
             The round number now held by `run_id`.
@@ -281,25 +466,35 @@ class Store:
         Raises:
             RoundClaimedError: When a live run holds the next round.
         """
+        lease_s = self.settings.claim_lease_s if lease_s is None else lease_s
         committed = self.committed_rounds()
         number = _check_round((committed[-1] if committed else 0) + 1)
         claims = self._claims(number)
+        attempt = 1
         if claims:
-            with self.fs.open(claims[-1], "rb") as handle:
-                current = json.loads(handle.read())
-            if current.get("run_id") != run_id and not self._claim_is_stale(current, ttl_s):
+            current = self._read_claim(claims[-1])
+            if current is not None and current.get("run_id") == run_id:
+                self.renew_claim(number, run_id, lease_s)
+                if renew:
+                    self._start_lease(number, run_id, lease_s)
+                return number
+            if not self.claim_is_stale(current):
                 raise RoundClaimedError(
-                    f"round {number} of store {redact_url(self.url)} is being written by run "
-                    f"{current.get('run_id')} (pid {current.get('pid')} on {current.get('host')}, since "
-                    f"{current.get('claimed_at')}); wait for it to finish"
+                    f"{self._claim_description(number, current or {})}; wait for it to finish, or run "
+                    f"`selfinstruct unlock --round {number}` once its lease has expired"
                 )
-        attempt = len(claims) + 1
+            attempt = int(re.search(r"claim-(\d{4})\.json$", claims[-1]).group(1)) + 1  # type: ignore[union-attr]
+        if attempt > 9999:
+            raise StoreError(f"round {number} has been claimed 9999 times; clean it with `verify --clean`")
+        now = datetime.now(UTC)
         claim = {
             "run_id": run_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "claimed_at": datetime.now(UTC).isoformat(),
+            "claimed_at": now.isoformat(),
             "attempt": attempt,
+            "lease_s": lease_s,
+            "lease_expires_at": (now + timedelta(seconds=lease_s)).isoformat(),
         }
         if not self._exclusive_write(
             self._path(number, f"claim-{attempt:04d}.json"), json.dumps(claim).encode()
@@ -307,23 +502,101 @@ class Store:
             raise RoundClaimedError(
                 f"round {number} of store {redact_url(self.url)} was just claimed by another run"
             )
+        if renew:
+            self._start_lease(number, run_id, lease_s)
         return number
 
-    def round_is_live(self, number: int, ttl_s: float = 12 * 3600) -> bool:
+    def renew_claim(self, number: int, run_id: str, lease_s: float, *, expire_now: bool = False) -> bool:
+        """Push the lease of `run_id`'s claim on round `number` to now + `lease_s` (or to now, releasing it).
+
+        Returns:
+            False when the newest claim is no longer `run_id`'s (another run took the round over).
+        """
+        claims = self._claims(number)
+        current = self._read_claim(claims[-1]) if claims else None
+        if current is None or current.get("run_id") != run_id:
+            return False
+        now = datetime.now(UTC)
+        current["lease_s"] = lease_s
+        current["lease_expires_at"] = (now if expire_now else now + timedelta(seconds=lease_s)).isoformat()
+        self._replace(claims[-1], json.dumps(current).encode())
+        return True
+
+    def _start_lease(self, number: int, run_id: str, lease_s: float) -> None:
+        with _LEASES_LOCK:
+            previous = _LEASES.pop((self.root, number), None)
+            _LEASES[(self.root, number)] = ClaimLease(self, number, run_id, lease_s).start()
+        if previous is not None:
+            previous.stop()
+
+    def end_claim(self, number: int, *, release: bool = True) -> None:
+        """Stop renewing the claim on round `number`; with `release`, expire it now so a rerun need not wait.
+
+        `commit` calls it without `release`; a round that ends without a commit calls it with (through
+        `end_run_claims`).
+        """
+        with _LEASES_LOCK:
+            lease = _LEASES.pop((self.root, number), None)
+        if lease is None:
+            return
+        lease.stop()
+        if release and not self.fs.exists(self._path(number, MANIFEST)):
+            with contextlib.suppress(Exception):  # best effort: an expired lease frees the round anyway
+                self.renew_claim(number, lease.run_id, lease.lease_s, expire_now=True)
+
+    def round_is_live(self, number: int) -> bool:
         """True when an uncommitted round's newest claim belongs to a run that may still be writing it."""
         claims = self._claims(number)
         if not claims:
             return False
-        with self.fs.open(claims[-1], "rb") as handle:
-            return not self._claim_is_stale(json.loads(handle.read()), ttl_s)
+        return not self.claim_is_stale(self._read_claim(claims[-1]))
 
     def holds_claim(self, number: int, run_id: str) -> bool:
         """True when the newest claim of round `number` is `run_id`'s."""
         claims = self._claims(number)
         if not claims:
             return False
-        with self.fs.open(claims[-1], "rb") as handle:
-            return bool(json.loads(handle.read()).get("run_id") == run_id)
+        claim = self._read_claim(claims[-1])
+        return claim is not None and claim.get("run_id") == run_id
+
+    def unlock(self, number: int) -> list[str]:
+        """Remove the claims of an uncommitted round whose lease has expired (for operators).
+
+        Returns:
+            The names of the claim files removed.
+
+        Raises:
+            StoreError: When the round is committed or has no claim.
+            RoundClaimedError: When its lease is still live.
+        """
+        if self.fs.exists(self._path(number, MANIFEST)):
+            raise StoreError(f"round {number} is committed; it has no claim to lift")
+        claims = self._claims(number)
+        if not claims:
+            raise StoreError(f"round {number} of store {redact_url(self.url)} has no claim")
+        current = self._read_claim(claims[-1])
+        if not self.claim_is_stale(current):
+            raise RoundClaimedError(f"{self._claim_description(number, current or {})}; not unlocking")
+        for path in claims:
+            self.fs.rm(path)
+        return [path.rsplit("/", 1)[-1] for path in claims]
+
+    def quarantine_round(self, number: int) -> str:
+        """Move an uncommitted round's folder to quarantine/round=NNNNN-<UTC time>/; returns where it went.
+
+        Nothing is deleted: an operator can inspect or remove the quarantine folder.
+        """
+        if self.fs.exists(self._path(number, MANIFEST)):
+            raise StoreError(f"round {number} is committed; it is never quarantined")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        target = f"{self.root}/quarantine/round={number:05d}-{stamp}"
+        if _is_local(self.fs):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.round_dir(number)).rename(target)
+        else:
+            self.fs.mv(self.round_dir(number), target, recursive=True)
+        prefix = "s3://" if not _is_local(self.fs) else ""
+        return prefix + target
 
     def write_table(self, number: int, name: str, table: pa.Table) -> FileEntry:
         """Write one Parquet file of an uncommitted round and return its manifest entry."""
@@ -333,8 +606,7 @@ class Store:
         pq.write_table(table, buffer)
         data = buffer.getvalue()
         self.fs.makedirs(self.round_dir(number), exist_ok=True)
-        with self.fs.open(self._path(number, f"{name}.parquet"), "wb") as handle:
-            handle.write(data)
+        self._write(self._path(number, f"{name}.parquet"), data)
         return FileEntry(rows=table.num_rows, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
     def commit(self, manifest: RoundManifest) -> None:
@@ -351,8 +623,10 @@ class Store:
         if not self._exclusive_write(self._path(manifest.round, MANIFEST), data):
             # A retried write whose first response was lost finds its own manifest: that is success.
             if self.read_manifest(manifest.round).run_id == manifest.run_id:
+                self.end_claim(manifest.round, release=False)
                 return
             raise StoreError(f"round {manifest.round} was already committed; nothing written")
+        self.end_claim(manifest.round, release=False)
 
     def file_checksum(self, number: int, name: str) -> str:
         """sha256 of a stored file, for verification."""
@@ -362,8 +636,7 @@ class Store:
     def write_bytes(self, number: int, name: str, data: bytes) -> str:
         """Write a non-Parquet file (an HTML report) into a round's folder; returns its location."""
         path = self._path(number, name)
-        with self.fs.open(path, "wb") as handle:
-            handle.write(data)
+        self._write(path, data)
         return path
 
     # -- other artifacts (fine-tunes, evaluations, reports) --------------------------------------
@@ -380,8 +653,7 @@ class Store:
         """Write bytes at `relative` (e.g. finetunes/<id>/manifest.json); returns the full location."""
         path = self._artifact_path(relative)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with self.fs.open(path, "wb") as handle:
-            handle.write(data)
+        self._write(path, data)
         return path
 
     def get_bytes(self, relative: str) -> bytes:
@@ -427,6 +699,59 @@ class Store:
         return prefix + self._artifact_path(relative)
 
 
+def end_run_claims(run_id: str) -> None:
+    """Stop and release every claim lease this process renews for `run_id` (a flow run that failed)."""
+    with _LEASES_LOCK:
+        mine = [lease for lease in _LEASES.values() if lease.run_id == run_id]
+    for lease in mine:
+        lease.store.end_claim(lease.number)
+
+
+class ClaimLease:
+    """A daemon thread that renews one round claim's lease every third of the lease, until stopped.
+
+    It stops by itself when the claim is no longer its run's (taken over after an expiry); a renewal that
+    fails (an S3 outage) is retried at the next tick, and the commit's own claim check decides in the end.
+    """
+
+    def __init__(self, store: Store, number: int, run_id: str, lease_s: float) -> None:
+        self.store = store
+        self.number = number
+        self.run_id = run_id
+        self.lease_s = lease_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"claim-lease-{number}", daemon=True)
+
+    def start(self) -> "ClaimLease":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.store.renew_claim(self.number, self.run_id, self.lease_s):
+                    self.lost = True
+                    return
+            except FileNotFoundError:
+                self.lost = True
+                return
+            except Exception:
+                continue
+
+    def stop(self) -> None:
+        """Stop renewing (waits for a renewal in progress)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+
+# The leases this process renews, by (store root, round); module state because a lease outlives the task
+# that claimed the round and ends in the flow's commit or its failure hook.
+_LEASES: dict[tuple[str, int], ClaimLease] = {}
+_LEASES_LOCK = threading.Lock()
+
+
 class StoreCompletionCache:
     """Completions of one round, persisted in the store as each HTTP batch returns.
 
@@ -467,8 +792,7 @@ class StoreCompletionCache:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
         self.store.fs.makedirs(self._folder, exist_ok=True)
-        with self.store.fs.open(f"{self._folder}/{uuid.uuid4()}.parquet", "wb") as handle:
-            handle.write(buffer.getvalue())
+        self.store._write(f"{self._folder}/{uuid.uuid4()}.parquet", buffer.getvalue())
         loaded = self._load()
         for record in records:
             loaded[record.key] = record
