@@ -11,7 +11,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from selfinstruct.cli import console, fail, load_settings, local_data_dir, open_store, prepare_prefect_env
+from selfinstruct.cli import (
+    console,
+    fail,
+    guard_child_processes,
+    load_settings,
+    local_data_dir,
+    open_store,
+    prepare_prefect_env,
+)
 
 StoreOption = Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")]
 RoundsOption = Annotated[
@@ -35,14 +43,18 @@ def _where(store_obj: Any) -> str:
 
 
 def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
-    """The committed rounds `spec` names, or a one-line error."""
+    """The committed rounds `spec` names, their files checked against the manifests' checksums, or a
+    one-line error (a tampered round is never read)."""
     from tasks.export import ExportError, select_rounds
+    from tasks.store import StoreError
 
     try:
-        return select_rounds(spec, store_obj.committed_rounds())
-    except ExportError as error:
+        chosen = select_rounds(spec, store_obj.committed_rounds())
+        store_obj.check_checksums(chosen)
+    except (ExportError, StoreError) as error:
         fail(f"{error} (store {_where(store_obj)})")
         raise
+    return chosen
 
 
 def export(
@@ -63,11 +75,17 @@ def export(
     from tasks.export import ExportError, TemplateError, write_export
     from tasks.seeds import SeedFileError
 
+    if out.is_dir():
+        fail(f"{out}: is a folder; give the JSONL file to write")
     store_obj = open_store(load_settings(store))
+    _rounds_or_fail(store_obj, rounds)
     try:
         result = write_export(store_obj, out, fmt.value, rounds, include_seeds, seeds, max_instances, seed)
     except (ExportError, SeedFileError, TemplateError) as error:
         fail(f"{error} (store {_where(store_obj)})" if isinstance(error, ExportError) else str(error))
+        raise
+    except OSError as error:
+        fail(f"{out}: cannot write ({error.strerror or type(error).__name__})")
         raise
     stats = result.stats
     table = Table(title=f"Export ({fmt.value})")
@@ -124,6 +142,7 @@ def finetune(
         fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
         raise
     prepare_prefect_env(local_data_dir(settings))
+    guard_child_processes()
 
     from flows.finetune import finetune as finetune_flow
 
@@ -181,6 +200,7 @@ def evaluate(
         heldout_path=str(heldout) if heldout else None,
     )
     prepare_prefect_env(local_data_dir(settings))
+    guard_child_processes()
 
     from flows.evaluate import evaluate as evaluate_flow
 

@@ -1,11 +1,13 @@
 """Store verification: every committed round matches its manifest, and the pool has no duplicates."""
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from schemas import SeedTask
-from tasks.store import ARROW_SCHEMAS, MANIFEST, Store
+from tasks.pool import INDEX_FILE, VOCAB_FILE
+from tasks.store import ARROW_SCHEMAS, Store
 
 
 @dataclass
@@ -27,17 +29,77 @@ def _normalized(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+ROUND_FILES = frozenset(
+    f"{name}.parquet"
+    for name in ("instructions", "instances", "rejected", "requests", INDEX_FILE, VOCAB_FILE)
+)
+
+
+def _check_counts(number: int, counts: dict[str, int], tables: dict[str, pa.Table]) -> list[str]:
+    """Every count of a manifest against what its files hold; returns the disagreements."""
+    instructions, instances = tables["instructions"], tables["instances"]
+    rejected, requests = tables["rejected"], tables["requests"]
+    stages = Counter(requests.column("stage").to_pylist())
+    by_reason = Counter(
+        f"rejected:{stage}:{reason}"
+        for stage, reason in zip(
+            rejected.column("stage").to_pylist(), rejected.column("reason").to_pylist(), strict=True
+        )
+    )
+    parsed_then_dropped = sum(
+        v
+        for k, v in by_reason.items()
+        if k.startswith("rejected:dedup:")
+        or (k.startswith("rejected:instruction:") and k != "rejected:instruction:unparseable")
+    )
+    expected = {
+        "prompts": stages["instruction"],
+        "generated": parsed_then_dropped + stages["classify"],
+        "kept": instructions.num_rows,
+        "classification": sum(bool(v) for v in instructions.column("is_classification").to_pylist()),
+        "instances": instances.num_rows,
+        **by_reason,
+    }
+    problems = []
+    for key in sorted(set(expected) | set(counts)):
+        if key.startswith("rejected:") or key in counts:
+            if counts.get(key, 0) != expected.get(key, 0):
+                problems.append(
+                    f"round {number}: count {key}={counts.get(key, 0)} "
+                    f"but the files give {expected.get(key, 0)}"
+                )
+        else:
+            problems.append(f"round {number}: count {key} is missing from the manifest")
+    ids = set(instructions.column("id").to_pylist())
+    with_instances = set(instances.column("instruction_id").to_pylist())
+    if with_instances - ids:
+        problems.append(f"round {number}: instances of {len(with_instances - ids)} unknown instructions")
+    if ids - with_instances:
+        problems.append(f"round {number}: {len(ids - with_instances)} instructions have no instance")
+    for name, table in tables.items():
+        if "round" in table.column_names and set(table.column("round").to_pylist()) - {number}:
+            problems.append(f"round {number}: {name}.parquet has rows of another round")
+    return problems
+
+
 def _check_round(store: Store, number: int, report: VerifyReport) -> list[tuple[str, str]]:
     """Check one committed round; returns its (id, instruction) pairs."""
     try:
         manifest = store.read_manifest(number)
     except Exception as error:  # a manifest that does not parse is itself the finding
-        report.problems.append(f"round {number}: manifest unreadable: {error}")
+        report.problems.append(f"round {number}: manifest unreadable: {str(error)[:200]}")
         return []
     if manifest.round != number:
         report.problems.append(f"round {number}: manifest says round {manifest.round}")
-    intact = set()
-    for name, entry in manifest.files.items():
+    listed = set(manifest.files)
+    for name in sorted(ROUND_FILES - listed):
+        report.problems.append(f"round {number}: {name} is not in the manifest")
+    for name in sorted(listed - ROUND_FILES):
+        report.problems.append(f"round {number}: the manifest lists {name}, which no round has")
+    tables: dict[str, pa.Table] = {}
+    for name, entry in sorted(manifest.files.items()):
+        if name not in ROUND_FILES:
+            continue
         try:
             checksum = store.file_checksum(number, name)
         except FileNotFoundError:
@@ -54,18 +116,13 @@ def _check_round(store: Store, number: int, report: VerifyReport) -> list[tuple[
             )
         if stem in ARROW_SCHEMAS and not table.schema.equals(ARROW_SCHEMAS[stem], check_metadata=False):
             report.problems.append(f"round {number}: {name} does not have the expected schema")
-        intact.add(name)
-    counts = dict(manifest.counts)
-    counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected:"))
-    for key, file_name in (("kept", "instructions"), ("instances", "instances"), ("rejected", "rejected")):
-        listed = manifest.files.get(f"{file_name}.parquet")
-        if listed is not None and counts.get(key) != listed.rows:
-            report.problems.append(
-                f"round {number}: count {key}={counts.get(key)} but {file_name} has {listed.rows} rows"
-            )
-    if "instructions.parquet" not in intact:
+            continue
+        tables[stem] = table
+    if all(name in tables for name in ("instructions", "instances", "rejected", "requests")):
+        report.problems.extend(_check_counts(number, dict(manifest.counts), tables))
+    if "instructions" not in tables:
         return []
-    instructions: pa.Table = store.read_table(number, "instructions")
+    instructions = tables["instructions"]
     return list(
         zip(
             instructions.column("id").to_pylist(), instructions.column("instruction").to_pylist(), strict=True
@@ -74,19 +131,21 @@ def _check_round(store: Store, number: int, report: VerifyReport) -> list[tuple[
 
 
 def verify_store(store: Store, seeds: list[SeedTask]) -> VerifyReport:
-    """Check every committed round, pool-wide uniqueness of ids and instructions, and dangling rounds.
+    """Check every committed round, pool-wide uniqueness of ids and instructions, gaps and dangling rounds.
 
     Args:
         store: The store to check.
         seeds: The seed tasks the pool starts from.
 
     Returns:
-        The findings.
+        The findings. A round missing between committed ones is a problem (a gap); uncommitted rounds after
+        the last committed one are `dangling` (a crashed or running round, which a rerun resumes).
     """
     report = VerifyReport()
     seen_ids: dict[str, str] = {t.id: "seeds" for t in seeds}
     seen_texts: dict[str, str] = {_normalized(t.instruction): "seeds" for t in seeds}
-    for number in store.committed_rounds():
+    committed = store.committed_rounds()
+    for number in committed:
         report.rounds_checked += 1
         for instruction_id, text in _check_round(store, number, report):
             report.instructions += 1
@@ -100,16 +159,29 @@ def verify_store(store: Store, seeds: list[SeedTask]) -> VerifyReport:
                 )
             seen_ids[instruction_id] = where
             seen_texts[key] = where
-    report.dangling = store.uncommitted_rounds()
+    last = committed[-1] if committed else 0
+    for number in sorted(set(range(1, last + 1)) - set(committed)):
+        report.problems.append(
+            f"round {number} is not committed but rounds after it are (a gap): its manifest is missing; "
+            "nothing is removed"
+        )
+    report.dangling = [n for n in store.uncommitted_rounds() if n > last]
     return report
 
 
-def clean_dangling(store: Store, numbers: list[int]) -> list[int]:
-    """Remove uncommitted round folders whose claim is stale; returns those removed."""
-    removed = []
+def quarantine_dangling(store: Store, numbers: list[int]) -> list[tuple[int, str]]:
+    """Move uncommitted rounds after the last committed one, whose claim is stale, to the quarantine area.
+
+    Never touches a round that has committed rounds after it, a committed round or a live round.
+
+    Returns:
+        (round, where it now is) for each round moved.
+    """
+    committed = store.committed_rounds()
+    last = committed[-1] if committed else 0
+    moved = []
     for number in numbers:
-        if store.fs.exists(f"{store.round_dir(number)}/{MANIFEST}") or store.round_is_live(number):
+        if number <= last or number in committed or store.round_is_live(number):
             continue
-        store.fs.rm(store.round_dir(number), recursive=True)
-        removed.append(number)
-    return removed
+        moved.append((number, store.quarantine_round(number)))
+    return moved

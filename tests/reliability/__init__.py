@@ -215,3 +215,16 @@ def moto_process(env: dict[str, str] | None = None) -> Iterator[MotoProcess]:
         yield server
     finally:
         server.stop()
+
+
+def full_app() -> Any:
+    """The CLI app with the commands `main()` adds (export, finetune, report, ...), registered once."""
+    from selfinstruct import cli_ops, cli_train
+    from selfinstruct.cli import app
+
+    names = {command.name for command in app.registered_commands}
+    if "export" not in names:
+        cli_train.register(app)
+    if "report" not in names:
+        cli_ops.register(app)
+    return app

@@ -86,6 +86,9 @@ def test_bad_settings_and_arguments(monkeypatch: pytest.MonkeyPatch, store_dir: 
 
 def test_status_and_verify_on_an_empty_store(store_dir: Path) -> None:
     code, output = _invoke("status", "--store", str(store_dir))
+    assert code == 2 and "no such store" in output  # a mistyped path is not an empty store
+    store_dir.mkdir()
+    code, output = _invoke("status", "--store", str(store_dir))
     assert code == 0 and "no committed rounds" in output
     code, output = _invoke("verify", "--store", str(store_dir))
     assert code == 0 and "0 committed rounds" in output
