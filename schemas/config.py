@@ -3,9 +3,9 @@
 Defaults follow Wang et al. (2022), arXiv:2212.10560, section 2.
 """
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Section 2.3 of the paper: instructions mentioning these are filtered out because a language model
 # cannot process them.
@@ -98,6 +98,21 @@ class BootstrapConfig(BaseModel):
         description="ROUGE-L tokenizer: rouge-score's own, or one that keeps non-ASCII words.",
     )
     model: str | None = Field(default=None, description="Model name on the server; None = Settings.model.")
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> Self:
+        """Knobs that are valid alone but cannot work together (each would commit empty or odd rounds)."""
+        if self.min_words >= self.max_words:
+            raise ValueError(
+                f"min_words ({self.min_words}) must be less than max_words ({self.max_words}): instructions "
+                "need MORE than min_words and at most max_words words"
+            )
+        if self.num_machine_in_context > self.num_in_context:
+            raise ValueError(
+                f"num_machine_in_context ({self.num_machine_in_context}) cannot exceed num_in_context "
+                f"({self.num_in_context})"
+            )
+        return self
 
 
 class RoundParams(BaseModel):

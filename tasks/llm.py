@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _KEY_VERSION = 1
 # HTTP statuses worth retrying: overload, rate limits, server faults. Every other 4xx is the caller's fault.
 _RETRY_STATUSES = frozenset({408, 429})
-_MAX_ERROR_CHARS = 500
+_MAX_ERROR_CHARS = 200  # of a server's answer quoted in an error line (an HTML page would flood it)
 _REQUESTS_PER_POOL = 8
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -133,6 +133,64 @@ def redact_url(url: str) -> str:
         host = f"[{host}]"
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def check_base_url(url: str) -> str:
+    """An OpenAI-compatible base URL, checked before any request: http(s), a host, a path ending in /v1,
+    no credentials (they would be stored with the flow's parameters). Returns it without a trailing slash.
+
+    Raises:
+        LLMError: Saying what is wrong (not retryable).
+    """
+    shown = re.sub(r"//[^/@]*@", "//***@", url)[:_MAX_ERROR_CHARS]
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError as error:
+        raise LLMError(f"LLM URL {shown!r} is not a valid URL ({error})", retryable=False) from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise LLMError(f"LLM URL {shown!r}: expected http(s)://host[:port]/v1", retryable=False)
+    if parts.username or parts.password:
+        raise LLMError(
+            f"LLM URL {redact_url(url)}: put the API key in SELFINSTRUCT_API_KEY, not in the URL",
+            retryable=False,
+        )
+    if not parts.path.rstrip("/").endswith("/v1"):
+        raise LLMError(
+            f"LLM URL {redact_url(url)}: the base URL of an OpenAI-compatible server ends in /v1 "
+            f"(e.g. http://{host}{f':{port}' if port else ''}/v1)",
+            retryable=False,
+        )
+    return url.rstrip("/")
+
+
+def _models_answer(response: httpx.Response) -> list[dict[str, Any]] | None:
+    """The model entries of a GET /models answer in OpenAI's shape, or None when it is not that shape."""
+    if "json" not in response.headers.get("content-type", ""):
+        return None
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        return None
+    entries = data["data"]
+    if not all(isinstance(e, dict) and isinstance(e.get("id"), str) for e in entries):
+        return None
+    return entries
+
+
+def _context_length(entries: list[dict[str, Any]], model: str) -> int | None:
+    """The context window a models answer gives for `model` (vLLM: max_model_len; llama.cpp: n_ctx_train)."""
+    for entry in entries:
+        if entry.get("id") != model and len(entries) > 1:
+            continue
+        meta = entry["meta"] if isinstance(entry.get("meta"), dict) else {}
+        for value in (entry.get("max_model_len"), entry.get("context_length"), meta.get("n_ctx_train")):
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -441,6 +499,55 @@ class OpenAICompletionClient:
         if not all(isinstance(c.get("text"), str) for c in ordered):
             raise _TransientError("choice without a text string")
         return ordered
+
+    async def preflight(self) -> int | None:
+        """Check every base URL before a round writes anything: it must be a /v1 URL whose GET /models answers
+        JSON in OpenAI's shape, and a one-token completion must not be refused (4xx: unknown model, wrong
+        API key). Transient answers (5xx or 429 in JSON, a timeout on the completion) pass: the round's
+        retries deal with those.
+
+        Returns:
+            The smallest context window the servers report for the model, or None when none reports one.
+
+        Raises:
+            LLMError: Not retryable; the message quotes at most ~200 characters of a server's answer.
+        """
+        windows = []
+        for url in self.base_urls:
+            check_base_url(url)
+            shown = redact_url(url)
+            try:
+                with self._pool() as http:
+                    response = await http.get(f"{url}/models", timeout=min(self.timeout_s, 10.0))
+            except httpx.TransportError as error:
+                raise LLMError(
+                    f"LLM server {shown} is unreachable ({type(error).__name__})", retryable=False
+                ) from None
+            entries = _models_answer(response)
+            status = response.status_code
+            if entries is None:
+                transient = status in _RETRY_STATUSES or status >= 500
+                if not (transient and "json" in response.headers.get("content-type", "")):
+                    kind = response.headers.get("content-type", "no content type").split(";")[0]
+                    raise LLMError(
+                        self._redact(
+                            f"LLM server {shown}: GET /models did not answer like an OpenAI-compatible "
+                            f"server (HTTP {status}, {kind}): {_error_text(response)!r}"
+                        ),
+                        retryable=False,
+                    )
+            else:
+                window = _context_length(entries, self.model)
+                if window:
+                    windows.append(window)
+            body = self._body(["Say OK."], SamplingParams(max_tokens=1), None)
+            try:
+                await self._post(url, body, uuid.uuid4().hex)
+            except _TransientError:
+                pass
+            except LLMError as error:
+                raise LLMError(f"LLM server check failed: {error}", retryable=False) from None
+        return min(windows) if windows else None
 
     def _url_passwords(self) -> list[str]:
         return [urlsplit(u).password or "" for u in self.base_urls]

@@ -9,6 +9,8 @@ from pydantic import ValidationError
 from schemas import SeedTask
 
 DEFAULT_SEEDS = Path(__file__).resolve().parent.parent / "seeds" / "seed_tasks.jsonl"
+MAX_SEED_FILE_BYTES = 16 << 20  # the original release's 175 tasks take 100 kB
+MAX_LINE_BYTES = 1 << 20
 
 
 class SeedFileError(ValueError):
@@ -21,18 +23,28 @@ def _field_of(error: ValidationError) -> str:
     return f"field '{location}': {first['msg']}"
 
 
-def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
+def estimated_tokens(text: str) -> int:
+    """A low estimate of the tokens of `text` for any tokenizer: a word is at least one token, and no
+    token spans more than 8 bytes of UTF-8 (so text without spaces, e.g. Chinese, counts too)."""
+    return max(len(text.split()), len(text.encode("utf-8", "replace")) // 8)
+
+
+def parse_seed_lines(
+    lines: list[str], source: str, max_instruction_tokens: int | None = None
+) -> list[SeedTask]:
     """Parse seed tasks from JSONL lines.
 
     Args:
         lines: The file's lines; blank lines are skipped.
         source: The file name used in error messages.
+        max_instruction_tokens: Refuse an instruction estimated (`estimated_tokens`) longer than this.
 
     Returns:
         The tasks in file order.
 
     Raises:
-        SeedFileError: On bad JSON, a schema violation, a duplicate id or instruction, or no tasks at all.
+        SeedFileError: On bad JSON, a line too long or nested too deeply, a schema violation, a duplicate
+            id or instruction, an instruction too long for the model, or no tasks at all.
     """
     tasks: list[SeedTask] = []
     seen_ids: dict[str, int] = {}
@@ -40,16 +52,24 @@ def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_BYTES:
+            raise SeedFileError(f"{source}:{number}: line longer than {MAX_LINE_BYTES} characters")
         try:
             raw = json.loads(line)
+            task = SeedTask.model_validate(raw)
         except json.JSONDecodeError as error:
             raise SeedFileError(
                 f"{source}:{number}: invalid JSON ({error.msg} at column {error.colno})"
             ) from None
-        try:
-            task = SeedTask.model_validate(raw)
         except ValidationError as error:
-            raise SeedFileError(f"{source}:{number}: {_field_of(error)}") from None
+            raise SeedFileError(f"{source}:{number}: {_field_of(error)[:300]}") from None
+        except RecursionError:
+            raise SeedFileError(f"{source}:{number}: JSON nested too deeply") from None
+        if max_instruction_tokens is not None and estimated_tokens(task.instruction) > max_instruction_tokens:
+            raise SeedFileError(
+                f"{source}:{number}: field 'instruction': about {estimated_tokens(task.instruction)} tokens "
+                f"or more, too long for the model's context (at most {max_instruction_tokens})"
+            )
         if task.id in seen_ids:
             raise SeedFileError(f"{source}:{number}: field 'id': duplicate of line {seen_ids[task.id]}")
         key = task.instruction.strip().lower()
@@ -65,11 +85,15 @@ def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
     return tasks
 
 
-def load_seeds(path: Path | None = None) -> tuple[list[SeedTask], str]:
+def load_seeds(
+    path: Path | None = None, *, max_instruction_tokens: int | None = None
+) -> tuple[list[SeedTask], str]:
     """Read and validate a seed file.
 
     Args:
         path: A JSONL file in the Self-Instruct seed schema; None means the seeds this project ships.
+        max_instruction_tokens: Refuse instructions that cannot fit the model's context (see
+            `parse_seed_lines`).
 
     Returns:
         The tasks and the sha256 of the file's bytes (recorded in round manifests).
@@ -79,6 +103,9 @@ def load_seeds(path: Path | None = None) -> tuple[list[SeedTask], str]:
     """
     path = path or DEFAULT_SEEDS
     try:
+        size = path.stat().st_size
+        if size > MAX_SEED_FILE_BYTES:
+            raise SeedFileError(f"{path}: {size} bytes; a seed file is at most {MAX_SEED_FILE_BYTES}")
         data = path.read_bytes()
     except OSError as error:
         raise SeedFileError(f"{path}: cannot read ({error.strerror})") from None
@@ -87,4 +114,5 @@ def load_seeds(path: Path | None = None) -> tuple[list[SeedTask], str]:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise SeedFileError(f"{path}:{line}: not UTF-8 text") from None
-    return parse_seed_lines(text.splitlines(), str(path)), hashlib.sha256(data).hexdigest()
+    tasks = parse_seed_lines(text.splitlines(), str(path), max_instruction_tokens)
+    return tasks, hashlib.sha256(data).hexdigest()

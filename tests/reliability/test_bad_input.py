@@ -237,7 +237,7 @@ def test_unreachable_llm_server(store_dir: Path) -> None:
 
 def test_llm_url_that_is_not_a_url(store_dir: Path) -> None:
     line = _fails_cleanly("run", "--store", str(store_dir), "--llm-url", "localhost-8000")
-    assert "LLM server localhost-8000 is unreachable" in line
+    assert line == "error: LLM URL 'localhost-8000': expected http(s)://host[:port]/v1"
 
 
 def test_model_the_server_does_not_have(store_dir: Path) -> None:

@@ -106,6 +106,7 @@ class FakeOpenAI:
         shuffle_choices: bool = False,
         per_choice_usage: bool = False,
         rng_seed: int = 0,
+        context_length: int | None = None,
     ) -> None:
         """Configure the server (nothing is bound until `start`).
 
@@ -117,10 +118,12 @@ class FakeOpenAI:
             shuffle_choices: Return choices in random order (clients must match them by `index`).
             per_choice_usage: Also put `usage.completion_tokens` in each choice.
             rng_seed: Seed of the fault and shuffle draws.
+            context_length: Reported as each model's `max_model_len` in GET /v1/models, as vLLM does.
         """
         self.latency_s = latency_s
         self.faults = faults or FaultConfig()
         self.models = models
+        self.context_length = context_length
         self.api_key = api_key
         self.shuffle_choices = shuffle_choices
         self.per_choice_usage = per_choice_usage
@@ -207,7 +210,9 @@ class FakeOpenAI:
 
     async def _models(self, request: web.Request) -> web.Response:
         names = self.models or ("fake-model",)
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in names]})
+        extra = {"max_model_len": self.context_length} if self.context_length else {}
+        data = [{"id": m, "object": "model", **extra} for m in names]
+        return web.json_response({"object": "list", "data": data})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
