@@ -9,6 +9,8 @@ import string
 from collections.abc import Iterable
 from functools import cache
 
+from tasks.dedup import Tokenizer, tokenize
+
 Verdict = tuple[bool, str | None]
 
 KEEP: Verdict = (True, None)
@@ -19,13 +21,20 @@ def check_empty(text: str) -> Verdict:
     return KEEP if text.strip() else (False, "empty")
 
 
-def check_word_count(text: str, min_words: int, max_words: int) -> Verdict:
-    """Keep instructions with more than `min_words` and at most `max_words` whitespace-separated words.
+def count_words(text: str, tokenizer: Tokenizer = "rouge") -> int:
+    """Words of `text` for the length filter: whitespace-separated, as in the paper, under the "rouge"
+    tokenizer; the multilingual tokenizer's tokens otherwise, so that a script written without spaces
+    (Chinese, Japanese) counts one word per character instead of one per sentence."""
+    return len(text.split()) if tokenizer == "rouge" else len(tokenize(text, tokenizer))
+
+
+def check_word_count(text: str, min_words: int, max_words: int, tokenizer: Tokenizer = "rouge") -> Verdict:
+    """Keep instructions with more than `min_words` and at most `max_words` words (see `count_words`).
 
     Returns:
         `too_short` or `too_long` on rejection.
     """
-    words = len(text.split())
+    words = count_words(text, tokenizer)
     if words <= min_words:
         return False, "too_short"
     if words > max_words:
@@ -80,28 +89,32 @@ def check_ascii_start(text: str) -> Verdict:
     return (False, "non_ascii_start") if stripped[:1] and not stripped[0].isascii() else KEEP
 
 
-def check_instruction(text: str, min_words: int, max_words: int, blacklist: Iterable[str]) -> Verdict:
+def check_instruction(
+    text: str, min_words: int, max_words: int, blacklist: Iterable[str], tokenizer: Tokenizer = "rouge"
+) -> Verdict:
     """Run every instruction filter; the first failure wins.
 
     Order: `empty`, word count (`too_short` / `too_long`), `blacklist:<word>`, `write_a_program`,
-    `starts_with_punctuation`, `non_ascii_start`.
+    `starts_with_punctuation`, `non_ascii_start` (the last only with the "rouge" tokenizer: with the
+    multilingual one, non-English instructions are the point).
 
     Args:
         text: The candidate instruction.
         min_words: Keep only when there are more words than this.
         max_words: Keep only when there are at most this many words.
         blacklist: Whole-word keywords to reject.
+        tokenizer: How words are counted (see `count_words`).
 
     Returns:
         `(True, None)` or `(False, reason)`.
     """
     for verdict in (
         check_empty(text),
-        check_word_count(text, min_words, max_words),
+        check_word_count(text, min_words, max_words, tokenizer),
         check_blacklist(text, blacklist),
         check_write_a_program(text),
         check_punctuation_start(text),
-        check_ascii_start(text),
+        check_ascii_start(text) if tokenizer == "rouge" else KEEP,
     ):
         if not verdict[0]:
             return verdict

@@ -103,7 +103,9 @@ def collect_candidates(
                 )
             )
         for text in texts:
-            keep, reason = check_instruction(text, config.min_words, config.max_words, config.blacklist)
+            keep, reason = check_instruction(
+                text, config.min_words, config.max_words, config.blacklist, config.tokenizer
+            )
             if keep:
                 candidates.append(Candidate(text, plan, completion))
             else:
