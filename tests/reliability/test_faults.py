@@ -18,7 +18,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import fsspec.config
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -150,8 +149,9 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MotoProcess, str]
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    config = {"connect_timeout": 1, "read_timeout": 1, "retries": {"total_max_attempts": 1}}
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": config})
+    monkeypatch.setenv("SELFINSTRUCT_S3_CONNECT_TIMEOUT_S", "1")
+    monkeypatch.setenv("SELFINSTRUCT_S3_READ_TIMEOUT_S", "1")
+    monkeypatch.setenv("SELFINSTRUCT_S3_WRITE_TIMEOUT_S", "30")
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)
     with moto_process() as moto:
         moto.client().create_bucket(Bucket="reliability")
