@@ -24,9 +24,14 @@ console = Console()
 errors = Console(stderr=True)
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped, so that it prints as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one clear error line and exit non-zero."""
-    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    errors.print(f"[bold red]error:[/] {escape(one_line(message))}", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
