@@ -363,7 +363,7 @@ def test_the_servers_scheduler_starts_rounds_by_itself(stack: Stack) -> None:
         nightly = _deployment_ids(client)["bootstrap-nightly"]
         done = wait_for(lambda: _runs_of(client, nightly, ["COMPLETED"]), 900, "a scheduled round completing")
         run = done[0]
-        assert run["auto_scheduled"] is True and run["created_by"] is None, run
+        assert run["auto_scheduled"] is True and run["created_by"]["type"] == "SCHEDULE", run
         client.post(f"/deployments/{nightly}/pause_deployment").raise_for_status()
         assert stack.store.committed_rounds()[:1] == [1]
         assert run["name"] == "round-00001"
