@@ -249,3 +249,31 @@ def test_round_slot_serializes_runs_on_one_store(prefect_server: None, store: St
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(concurrency_limit_name(store))
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+@pytest.mark.slow
+def test_waiting_for_the_store_slot_is_bounded_and_says_why(prefect_server: None, store: Store) -> None:
+    from tasks.events import round_slot
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with round_slot(store):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(120)
+        with pytest.raises(TimeoutError) as raised, round_slot(store, timeout_seconds=3):
+            pytest.fail("entered a slot that another run holds")
+        message = str(raised.value)
+        assert message.startswith("gave up after 3 s waiting for the store slot selfinstruct-store-")
+        assert "1 of 1 slots taken" in message
+    finally:
+        release.set()
+        thread.join(60)
+    with round_slot(store, timeout_seconds=30):  # free again once the holder left
+        pass
