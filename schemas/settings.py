@@ -36,6 +36,22 @@ class Settings(BaseSettings):
     s3_write_timeout_s: float = Field(
         default=300.0, gt=0, description="Longest wait for one S3 file write, retries included."
     )
+    api_key_block: str | None = Field(
+        default="selfinstruct-api-key",
+        description="Prefect Secret block read in flow runs when SELFINSTRUCT_API_KEY is unset.",
+    )
+    s3_access_key_id_block: str | None = Field(
+        default="selfinstruct-s3-access-key-id",
+        description="Prefect Secret block read in flow runs when SELFINSTRUCT_S3_ACCESS_KEY_ID is unset.",
+    )
+    s3_secret_access_key_block: str | None = Field(
+        default="selfinstruct-s3-secret-access-key",
+        description="Prefect Secret block read in flow runs when SELFINSTRUCT_S3_SECRET_ACCESS_KEY is unset.",
+    )
+    report_url: str | None = Field(
+        default=None,
+        description="Base URL of a server that serves the store's reports over HTTP (`stack up` sets it).",
+    )
 
     def llm_urls(self) -> list[str]:
         """The configured base URLs, or an empty list when the embedded server should be used."""
