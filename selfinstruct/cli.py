@@ -394,7 +394,7 @@ def unlock(
 
 _as_program = False  # True when started as the `selfinstruct` program (not in-process, as in tests)
 _signalled: int | None = None
-CANCEL_GRACE_S = 8.0
+CANCEL_GRACE_S = 5.0
 
 
 def _cancel(signum: int, _frame: object) -> None:
@@ -416,6 +416,10 @@ def _cancel(signum: int, _frame: object) -> None:
     timer = threading.Timer(CANCEL_GRACE_S, os._exit, args=(128 + signum,))
     timer.daemon = True
     timer.start()
+    # Backstop that needs no Python thread to run (on a loaded machine the timer can be late): the kernel
+    # ends the process on SIGALRM; the watchdog then ends its children.
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(int(CANCEL_GRACE_S) + 3)
     raise KeyboardInterrupt
 
 

@@ -154,6 +154,7 @@ def _open_filesystem(url: str, settings: Settings) -> tuple[fsspec.AbstractFileS
             "connect_timeout": settings.s3_connect_timeout_s,
             "read_timeout": settings.s3_read_timeout_s,
             "retries": {"total_max_attempts": 2},
+            "signature_version": "s3v4",  # what a Config without it would sign with (presigned report links)
         }
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
         return fs, f"{bucket}{parts.path.rstrip('/')}"

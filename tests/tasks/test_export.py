@@ -365,6 +365,7 @@ def test_export_cli(tmp_path: Path) -> None:
     assert len(out.read_text().splitlines()) == 6
     assert "6 rows" in result.output
 
+    (tmp_path / "none").mkdir()  # an empty store; a missing one is refused before it is read
     failed = runner.invoke(
         app, ["export", "--format", "sft", "--store", str(tmp_path / "none"), str(tmp_path / "n.jsonl")]
     )
