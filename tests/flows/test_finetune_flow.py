@@ -118,5 +118,6 @@ def test_dry_run_flow_and_cli(prefect_server: None, tmp_path: Path) -> None:
     assert no_adapter.exit_code != 0 and "no trained fine-tune" in no_adapter.output
     bad_rounds = runner.invoke(app, ["finetune", "--rounds", "5:9", "--store", store.url])
     assert bad_rounds.exit_code != 0 and "no committed round in that range" in bad_rounds.output
+    (tmp_path / "empty").mkdir()  # an empty store; a missing one is refused before it is read
     empty = runner.invoke(app, ["finetune", "--store", str(tmp_path / "empty")])
     assert empty.exit_code != 0 and "no committed rounds" in empty.output
