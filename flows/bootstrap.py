@@ -10,6 +10,7 @@ from schemas import CompletionRecord, RoundParams, SamplingParams, Settings
 from tasks.artifacts import ProgressArtifact, publish_round
 from tasks.events import emit_data_ready_if_due, round_slot
 from tasks.llm import CompletionRequest, generate_in_tasks
+from tasks.llm_sizing import size_for_servers_task
 from tasks.report import publish_report
 from tasks.steps import (
     RoundResult,
@@ -22,6 +23,7 @@ from tasks.steps import (
     instruction_requests,
     llm_endpoints,
     open_round,
+    parsed_count,
     plan_instruction_prompts_task,
     write_round_task,
 )
@@ -55,6 +57,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
         progress = ProgressArtifact(f"Round {ctx.number} generation")
 
         with llm_endpoints(params.llm_urls, settings) as urls:
+            llm_settings = size_for_servers_task(settings, urls)
 
             def complete(
                 requests: list[CompletionRequest], sampling: SamplingParams, stage: str
@@ -62,7 +65,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                 return generate_in_tasks(
                     requests,
                     sampling,
-                    settings,
+                    llm_settings,
                     urls,
                     cache,
                     on_progress=progress.callback(stage),
@@ -80,7 +83,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
             answers = complete(
                 classify_requests(accepted, config, ctx.number), config.classify_sampling, "classification"
             )
-            classified = apply_classification(accepted, answers)
+            classified, unanswered = apply_classification(accepted, answers, ctx.number)
             outputs = complete(
                 instance_requests(classified, config, ctx.number), config.instance_sampling, "instances"
             )
@@ -98,10 +101,10 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                 index_start=ctx.index_start,
                 vocab_start=ctx.vocab_start,
                 prompts=len(plans),
-                candidates_parsed=len(candidates) + sum(1 for r in filtered if r.reason != "unparseable"),
+                candidates_parsed=parsed_count(candidates, filtered),
                 instructions=instructions,
                 instances=instances,
-                rejected=filtered + duplicates + unusable,
+                rejected=filtered + duplicates + unanswered + unusable,
                 completions=new + answers + outputs,
             ),
             config,

@@ -22,13 +22,19 @@ class CompletionRecord(BaseModel):
     text: str = Field(description="Raw completion text.")
     finish_reason: str | None = Field(description="'stop' or 'length' as the server reported it.")
     prompt_tokens: int = Field(
-        ge=0, description="Prompt tokens of the whole HTTP request (shared by its prompts)."
+        ge=0,
+        description="Prompt tokens of this prompt when the server returned token ids, else of the whole "
+        "HTTP request (shared by its prompts).",
     )
     completion_tokens: int = Field(ge=0, description="Completion tokens of this prompt, or of the request.")
     latency_s: float = Field(ge=0.0, description="Wall time of the HTTP request that carried this prompt.")
     model: str
     base_url: str = Field(description="Server that answered, credentials removed.")
     seed: int | None = None
+    rejected: str | None = Field(
+        default=None,
+        description="Why the server refused this prompt alone (e.g. prompt_too_long); None when answered.",
+    )
 
 
 class SimilarInstruction(BaseModel):

@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ExportFormat = Literal["jsonl", "alpaca", "sft"]
 PromptFormat = Literal["template", "chat"]
@@ -69,6 +69,23 @@ class FinetuneParams(BaseModel):
         default=None,
         description="The adapter folder as the vLLM server sees it; None = a local copy on this machine.",
     )
+    vllm_max_lora_rank: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="The vLLM server's --max-lora-rank (vLLM's default: 16); lora_r must not exceed it.",
+    )
+
+    @model_validator(mode="after")
+    def _rank_fits_the_server(self) -> "FinetuneParams":
+        # vLLM refuses to load an adapter of a bigger rank (lora/peft_helper.py `validate_legal`), which would
+        # only show after the whole training run.
+        if self.vllm_url and not self.dry_run and self.lora_r > self.vllm_max_lora_rank:
+            raise ValueError(
+                f"lora_r={self.lora_r} is above the vLLM server's max LoRA rank ({self.vllm_max_lora_rank}): "
+                "lower lora_r, or serve with a larger --max-lora-rank and set vllm_max_lora_rank to it"
+            )
+        return self
 
 
 class EvaluateParams(BaseModel):

@@ -55,8 +55,8 @@ def load_settings(store: str | None) -> Settings:
     return settings
 
 
-def load_config(path: Path | None, prompts: int | None) -> BootstrapConfig:
-    """A BootstrapConfig from a JSON file (all fields optional), with --prompts applied."""
+def load_config(path: Path | None, prompts: int | None, adapter: str | None = None) -> BootstrapConfig:
+    """A BootstrapConfig from a JSON file (all fields optional), with --prompts and --adapter applied."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -69,6 +69,8 @@ def load_config(path: Path | None, prompts: int | None) -> BootstrapConfig:
             fail(f"{path}: expected a JSON object of BootstrapConfig fields")
     if prompts is not None:
         data["prompts_per_round"] = prompts
+    if adapter is not None:
+        data["adapter"] = adapter
     try:
         return BootstrapConfig.model_validate(data)
     except ValidationError as error:
@@ -95,10 +97,12 @@ def open_store(settings: Settings) -> Any:
     return store_obj
 
 
-def check_llm_servers(urls: list[str], model: str, settings: Settings) -> None:
+def check_llm_servers(urls: list[str], model: str, settings: Settings, stop: tuple[str, ...] = ()) -> None:
     """Fail before anything is written when an LLM server is down, refuses the request or lacks the model.
 
-    Transient answers (5xx, 429, a timeout) pass: the round's retries deal with those.
+    The check request carries `stop` (the most stop strings any stage of the round sends), so a server that
+    allows fewer (vLLM: 4) refuses it here rather than midway through the round. Transient answers (5xx, 429,
+    a timeout) pass: the round's retries deal with those.
     """
     import asyncio
     from urllib.parse import urlsplit
@@ -115,17 +119,29 @@ def check_llm_servers(urls: list[str], model: str, settings: Settings) -> None:
             # The URLs become Prefect flow parameters, which are stored and shown in the UI.
             fail(f"LLM URL {shown}: put the API key in SELFINSTRUCT_API_KEY, not in the URL")
         try:
-            httpx.get(f"{url}/models", timeout=10.0)
+            listing = httpx.get(f"{url}/models", timeout=10.0)
         except httpx.TransportError as error:
             fail(f"LLM server {shown} is unreachable ({type(error).__name__})")
         try:
-            asyncio.run(_complete_one_token(url, model, settings))
+            asyncio.run(_complete_one_token(url, model, settings, stop))
         except LLMError as error:
             if not error.retryable:  # a 4xx: unknown model, bad API key, a request the server refuses
-                fail(f"LLM server check failed: {error}")
+                hint = _served_models_hint(listing) if error.status == 404 else ""
+                fail(f"LLM server check failed: {error}{hint}")
 
 
-async def _complete_one_token(url: str, model: str, settings: Settings) -> None:
+def _served_models_hint(listing: Any) -> str:
+    """ "; it serves: a, b (...)" from a /v1/models answer, to say which name to use instead."""
+    try:
+        names = [str(m["id"]) for m in listing.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    if not names:
+        return ""
+    return f"; it serves: {', '.join(names[:10])} (set SELFINSTRUCT_MODEL, or the round's model/adapter)"
+
+
+async def _complete_one_token(url: str, model: str, settings: Settings, stop: tuple[str, ...] = ()) -> None:
     from schemas import SamplingParams
     from tasks.llm import OpenAICompletionClient
 
@@ -133,7 +149,7 @@ async def _complete_one_token(url: str, model: str, settings: Settings) -> None:
         [url], model, api_key=settings.api_key, timeout_s=min(settings.llm_timeout_s, 30.0), max_retries=0
     )
     try:
-        await client.complete(["Say OK."], SamplingParams(max_tokens=1), None, "instruction")
+        await client.complete(["Say OK."], SamplingParams(max_tokens=1, stop=stop), None, "instruction")
     finally:
         await client.aclose()
 
@@ -150,6 +166,13 @@ def run(
     llm_url: Annotated[
         list[str] | None, typer.Option(help="OpenAI-compatible base URL (repeatable).")
     ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="Generate with the LoRA adapter a fine-tune registered on the vLLM server: its id, or "
+            "'latest'."
+        ),
+    ] = None,
     store_slot: Annotated[
         bool | None,
         typer.Option(
@@ -163,15 +186,24 @@ def run(
     from tasks.seeds import SeedFileError, load_seeds
 
     settings = load_settings(store)
-    round_config = load_config(config, prompts)
+    round_config = load_config(config, prompts, adapter)
     try:
         load_seeds(seeds)
     except SeedFileError as error:
         fail(str(error))
+    sampling = (
+        round_config.instruction_sampling,
+        round_config.classify_sampling,
+        round_config.instance_sampling,
+    )
     check_llm_servers(
         [u.rstrip("/") for u in llm_url or []] or settings.llm_urls(),
-        round_config.model or settings.model,
+        # "latest" is resolved from the store when the round opens; the base model is checked here.
+        round_config.adapter
+        if round_config.adapter not in (None, "latest")
+        else round_config.model or settings.model,
         settings,
+        max((s.stop for s in sampling), key=len),
     )
     store_obj = open_store(settings)
     prepare_prefect_env(local_data_dir(settings))

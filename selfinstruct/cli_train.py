@@ -98,6 +98,18 @@ def finetune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Build the data and manifest; do not train.")
     ] = False,
+    lora_r: Annotated[int, typer.Option(min=1, max=1024, help="LoRA rank.")] = 16,
+    vllm_url: Annotated[
+        str | None,
+        typer.Option(help="vLLM server (…/v1) to register the adapter with, under the fine-tune id."),
+    ] = None,
+    vllm_adapter_path: Annotated[
+        str | None,
+        typer.Option(help="The adapter folder as the vLLM server sees it (default: a local copy)."),
+    ] = None,
+    vllm_max_lora_rank: Annotated[
+        int, typer.Option(min=1, max=1024, help="The vLLM server's --max-lora-rank; checked before training.")
+    ] = 16,
     store: StoreOption = None,
 ) -> None:
     """Fine-tune a LoRA adapter on committed rounds (the `finetune` flow); prints its losses."""
@@ -118,10 +130,16 @@ def finetune(
             lr=lr,
             batch_size=batch_size,
             dry_run=dry_run,
+            lora_r=lora_r,
+            vllm_url=vllm_url,
+            vllm_adapter_path=vllm_adapter_path,
+            vllm_max_lora_rank=vllm_max_lora_rank,
         )
     except ValidationError as error:
         first = error.errors()[0]
-        fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+        if first["loc"]:
+            fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+        fail(str(first["msg"]).removeprefix("Value error, "))
         raise
     prepare_prefect_env(local_data_dir(settings))
 
@@ -143,6 +161,15 @@ def finetune(
         table.add_row(key.replace("_", " "), "-" if value is None else f"{value:.4f}")
     console.print(table)
     console.print(f"stored at {store_obj.location_of('finetunes/' + str(summary['finetune_id']))}")
+    if vllm_url and not dry_run:
+        from tasks.store import redact_url
+
+        console.print(
+            f"registered on {redact_url(vllm_url)} as {summary['finetune_id']}: generate with it with "
+            f"`selfinstruct run --adapter {summary['finetune_id']}` (or --adapter latest)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def evaluate(

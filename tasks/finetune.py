@@ -45,6 +45,7 @@ from tasks.export import (
     split_by_instruction,
     to_rows,
 )
+from tasks.llm_server import RUNTIME_LORA_ENV
 from tasks.store import Store, redact_url
 
 EMBEDDED = "embedded"
@@ -495,7 +496,12 @@ def register_with_vllm(
     base_url: str, name: str, adapter_path: str, api_key: str | None = None, timeout_s: float = 60.0
 ) -> None:
     """Load an adapter into a running vLLM server (started with --enable-lora and
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) through its POST /v1/load_lora_adapter endpoint.
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as `selfinstruct llm serve --engine vllm --enable-lora` does)
+    through its POST /v1/load_lora_adapter endpoint.
+
+    Idempotent: vLLM answers 400 "... has already been loaded ..." to a second load under the same name
+    (entrypoints/openai/models/serving.py `_check_load_lora_adapter_request`), which is what a retried
+    registration whose first answer was lost gets; that counts as success.
 
     Args:
         base_url: The server's OpenAI-compatible base URL, with or without the trailing /v1.
@@ -519,6 +525,14 @@ def register_with_vllm(
         )
     except httpx.HTTPError as error:
         raise FinetuneError(f"vLLM at {redact_url(root)}: {error}") from None
+    if response.status_code == 400 and "has already been loaded" in response.text:
+        return
+    if response.status_code == 404 and "No adapter found" not in response.text:
+        # The route itself is missing: vLLM mounts it only with runtime LoRA updating on.
+        raise FinetuneError(
+            f"vLLM at {redact_url(root)} has no /v1/load_lora_adapter (404): start it with --enable-lora and "
+            f"{RUNTIME_LORA_ENV}=true in its environment (selfinstruct llm serve --engine vllm --enable-lora)"
+        )
     if response.status_code >= 400:
         raise FinetuneError(
             f"vLLM at {redact_url(root)} refused adapter {name}: {response.status_code} {response.text[:300]}"

@@ -23,12 +23,13 @@ from schemas import (
     Settings,
     SimilarInstruction,
 )
+from schemas.records import Stage
 from tasks.classify import build_classify_prompt, parse_classification
 from tasks.dedup import deduplicate
 from tasks.filters import check_instruction, filter_instances
 from tasks.generate import build_instruction_prompt, parse_instructions, sample_in_context
 from tasks.instances import build_instance_prompt, parse_instances
-from tasks.llm import CompletionRequest
+from tasks.llm import REFUSAL_REASONS, CompletionRequest
 from tasks.llm_server import EmbeddedServer
 from tasks.pool import INDEX_FILE, VOCAB_FILE, Pool, load_pool, round_index_tables
 from tasks.seeds import load_seeds
@@ -91,6 +92,9 @@ def collect_candidates(
     candidates: list[Candidate] = []
     rejected: list[RejectionRecord] = []
     for plan, completion in zip(plans, completions, strict=True):
+        if completion.rejected is not None:
+            rejected.append(_refusal(completion, round_number, "instruction", ""))
+            continue
         texts = parse_instructions(completion.text, plan.first_number, completion.finish_reason)
         if not texts:
             rejected.append(
@@ -117,6 +121,24 @@ def collect_candidates(
                     )
                 )
     return candidates, rejected
+
+
+def _refusal(completion: CompletionRecord, round_number: int, stage: Stage, text: str) -> RejectionRecord:
+    """The rejection of a prompt the server refused alone (its reason, e.g. prompt_too_long)."""
+    return RejectionRecord(
+        round=round_number,
+        stage=stage,
+        reason=completion.rejected or "rejected_by_server",
+        text=text,
+        request_key=completion.key,
+    )
+
+
+def parsed_count(candidates: list[Candidate], filtered: list[RejectionRecord]) -> int:
+    """Instructions parsed from the completions: the candidates plus those the filters rejected (not the
+    completions that did not parse or whose prompt the server refused)."""
+    not_parsed = {"unparseable", *REFUSAL_REASONS}
+    return len(candidates) + sum(1 for r in filtered if r.reason not in not_parsed)
 
 
 def dedup_candidates(
@@ -186,15 +208,25 @@ def classify_requests(
 
 
 def apply_classification(
-    accepted: list[InstructionRecord], completions: list[CompletionRecord]
-) -> list[InstructionRecord]:
-    """Copies of the instructions with is_classification and the raw answer set."""
-    return [
-        record.model_copy(
-            update={"is_classification": parse_classification(c.text), "classification_raw": c.text}
+    accepted: list[InstructionRecord], completions: list[CompletionRecord], round_number: int
+) -> tuple[list[InstructionRecord], list[RejectionRecord]]:
+    """Copies of the instructions with is_classification and the raw answer set.
+
+    Returns:
+        The classified instructions, and a rejection for each whose question the server refused.
+    """
+    classified: list[InstructionRecord] = []
+    rejected: list[RejectionRecord] = []
+    for record, c in zip(accepted, completions, strict=True):
+        if c.rejected is not None:
+            rejected.append(_refusal(c, round_number, "classify", record.instruction))
+            continue
+        classified.append(
+            record.model_copy(
+                update={"is_classification": parse_classification(c.text), "classification_raw": c.text}
+            )
         )
-        for record, c in zip(accepted, completions, strict=True)
-    ]
+    return classified, rejected
 
 
 def instance_requests(
@@ -227,6 +259,9 @@ def collect_instances(
     instances: list[InstanceRecord] = []
     rejected: list[RejectionRecord] = []
     for record, completion in zip(accepted, completions, strict=True):
+        if completion.rejected is not None:
+            rejected.append(_refusal(completion, round_number, "instance", record.instruction))
+            continue
         pairs = parse_instances(completion.text, bool(record.is_classification), completion.finish_reason)
         good, bad = filter_instances(pairs, config.max_instances, config.max_field_chars)
         for instance_input, instance_output, reason in bad:
@@ -382,6 +417,27 @@ class RoundContext:
     vocab_start: int
 
 
+LATEST_ADAPTER = "latest"
+
+
+def generation_model(config: BootstrapConfig, settings: Settings, store: Store) -> str:
+    """The model name a round sends: its adapter (a registered fine-tune id), else its model, else Settings'.
+
+    Raises:
+        ValueError: `adapter` is "latest" and the store has no trained fine-tune.
+    """
+    if config.adapter is None:
+        return config.model or settings.model
+    if config.adapter != LATEST_ADAPTER:
+        return config.adapter
+    from tasks.finetune import latest_finetune  # only rounds that ask for it read the fine-tunes
+
+    finetune_id = latest_finetune(store)
+    if finetune_id is None:
+        raise ValueError(f"adapter {LATEST_ADAPTER!r}: the store has no trained fine-tune yet")
+    return finetune_id
+
+
 @task(name="open-round")
 def open_round(
     store_url: str, seeds_path: str | None, config: BootstrapConfig, settings: Settings, run_id: str
@@ -397,7 +453,7 @@ def open_round(
         run_id=run_id,
         seeds_sha256=seeds_sha,
         pool=pool,
-        model=config.model or settings.model,
+        model=generation_model(config, settings, store),
         pool_size_before=pool.size,
         index_start=len(pool.index),
         vocab_start=pool.index.vocab_size,

@@ -41,6 +41,10 @@ MAX_ROUND = 99_999
 
 SIMILAR = pa.struct([("id", pa.string()), ("instruction", pa.string()), ("score", pa.float64())])
 
+# Columns added to a round file after rounds were first written; files written before lack them, and
+# readers treat them as null.
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"requests": ("rejected",)}
+
 ARROW_SCHEMAS: dict[str, pa.Schema] = {
     "instructions": pa.schema(
         [
@@ -96,6 +100,7 @@ ARROW_SCHEMAS: dict[str, pa.Schema] = {
             ("model", pa.string()),
             ("base_url", pa.string()),
             ("seed", pa.int64()),
+            ("rejected", pa.string()),
         ]
     ),
 }

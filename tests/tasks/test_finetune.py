@@ -2,13 +2,11 @@
 
 import hashlib
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.training import FinetuneManifest, FinetuneMetrics, FinetuneParams
 from tasks.events import trained_rounds
@@ -30,6 +28,7 @@ from tasks.finetune import (
     write_manifest,
 )
 from tasks.store import Store
+from tests.support.fake_openai import FakeOpenAI, VLLMMode
 from tests.tasks.test_export import two_round_store
 
 # Small enough for ~1 minute on 2 shared cores, large enough that the loss falls clearly.
@@ -158,45 +157,39 @@ def test_dry_run_writes_data_and_manifest_only(trained: tuple[Store, FinetuneMan
         read_finetune_manifest(store, "ft-nope")
 
 
-@pytest.fixture
-def lora_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A loopback server speaking vLLM's runtime LoRA endpoint (vLLM itself needs CUDA, absent here)."""
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-            if self.path != "/v1/load_lora_adapter":
-                self.send_response(404)
-            elif body["lora_name"] in {r["body"]["lora_name"] for r in received[:-1]}:
-                self.send_response(400)  # vLLM refuses a name that is already loaded
-            else:
-                self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok" if self.path == "/v1/load_lora_adapter" else b"not found")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", received
-    server.shutdown()
-    server.server_close()
+def _adapter(folder: Path, rank: int) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    return str(folder)
 
 
-def test_register_with_vllm(lora_server: tuple[str, list[dict[str, Any]]]) -> None:
-    url, received = lora_server
-    register_with_vllm(f"{url}/v1", "ft-a", "/adapters/ft-a", api_key="secret")
-    register_with_vllm(url, "ft-b", "/adapters/ft-b")
-    assert [r["body"] for r in received] == [
-        {"lora_name": "ft-a", "lora_path": "/adapters/ft-a"},
-        {"lora_name": "ft-b", "lora_path": "/adapters/ft-b"},
-    ]
-    assert received[0]["auth"] == "Bearer secret" and received[1]["auth"] is None
-    with pytest.raises(FinetuneError, match="refused adapter ft-a: 400"):
-        register_with_vllm(url, "ft-a", "/adapters/ft-a")
+def test_register_with_vllm_is_idempotent(tmp_path: Path) -> None:
+    """Finding 1: a retried registration gets vLLM's 400 "already been loaded", which is success."""
+    with FakeOpenAI(vllm=VLLMMode(runtime_lora_updating=True), api_key="secret") as fake:
+        register_with_vllm(fake.url, "ft-a", _adapter(tmp_path / "a", 8), api_key="secret")
+        register_with_vllm(
+            fake.url.removesuffix("/v1"), "ft-a", _adapter(tmp_path / "a", 8), api_key="secret"
+        )
+        assert fake.adapters == {"ft-a": str(tmp_path / "a")}
+        with pytest.raises(FinetuneError, match=r"refused adapter ft-b: 500.*greater than max_lora_rank 16"):
+            register_with_vllm(fake.url, "ft-b", _adapter(tmp_path / "b", 32), api_key="secret")
+        with pytest.raises(FinetuneError, match=r"refused adapter ft-c: 404.*No adapter found"):
+            register_with_vllm(fake.url, "ft-c", str(tmp_path / "missing"), api_key="secret")
     with pytest.raises(FinetuneError, match=r"vLLM at http://127\.0\.0\.1:1/v1"):
         register_with_vllm("http://127.0.0.1:1", "ft-c", "/x", timeout_s=2)
+
+
+def test_register_with_a_vllm_without_runtime_lora_says_how_to_start_it(tmp_path: Path) -> None:
+    with (
+        FakeOpenAI(vllm=VLLMMode(runtime_lora_updating=False)) as fake,
+        pytest.raises(FinetuneError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=true"),
+    ):
+        register_with_vllm(fake.url, "ft-a", _adapter(tmp_path / "a", 8))
+
+
+def test_lora_rank_is_checked_against_the_servers_limit_before_training() -> None:
+    """Finding 4: vLLM refuses an adapter above its --max-lora-rank; find out before training, not after."""
+    with pytest.raises(ValidationError, match=r"lora_r=32 is above the vLLM server's max LoRA rank \(16\)"):
+        FinetuneParams(vllm_url="http://127.0.0.1:8000/v1", lora_r=32)
+    assert FinetuneParams(vllm_url="http://127.0.0.1:8000/v1", lora_r=32, vllm_max_lora_rank=64).lora_r == 32
+    assert FinetuneParams(lora_r=32).lora_r == 32  # nothing to register with, nothing to check

@@ -172,11 +172,17 @@ def test_a_round_completes_on_a_flaky_server(fake_openai: FakeFactory) -> None:
 
 
 def test_client_errors_fail_fast_with_the_server_message(fake_openai: FakeFactory) -> None:
-    fake = fake_openai(faults=FaultConfig(script=deque(["400"]), error_message_400="max_tokens is too large"))
+    """A 400 is never retried as such; the batch is sent once more prompt by prompt (to find a prompt the
+    server cannot take), and when every prompt is refused alone for no prompt-specific reason, it fails."""
+    fake = fake_openai(faults=FaultConfig(p_400=1.0, error_message_400="max_tokens is too large"))
     client = fast_client([fake.url], backoff_s=5)
     with pytest.raises(LLMError, match=r"HTTP 400.*max_tokens is too large") as info:
         run(generate_with(client, requests_for(8), PARAMS, None, batch_size=8, concurrency=1))
-    assert not info.value.retryable and fake.requests == 1
+    assert not info.value.retryable and fake.requests == 1 + 8
+    single = fake_openai(faults=FaultConfig(p_400=1.0))
+    with pytest.raises(LLMError, match=r"HTTP 400"):
+        run(generate_with(fast_client([single.url]), requests_for(1), PARAMS, None, 1, 1))
+    assert single.requests == 1
 
 
 def test_unknown_model_is_a_clear_error(fake_openai: FakeFactory) -> None:
@@ -322,7 +328,7 @@ def test_cached_record_takes_the_requesting_stage(fake_openai: FakeFactory) -> N
 
 
 def test_finished_batches_stay_cached_when_the_round_fails(fake_openai: FakeFactory) -> None:
-    fake = fake_openai(faults=FaultConfig(script=deque([None, "400"])))
+    fake = fake_openai(faults=FaultConfig(script=deque([None]), p_400=1.0))
     cache = DictCache()
     with pytest.raises(LLMError):
         run(generate_with(fast_client([fake.url]), requests_for(4), PARAMS, cache, 2, 1))
