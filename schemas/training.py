@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ExportFormat = Literal["jsonl", "alpaca", "sft"]
+ExportFormat = Literal["jsonl", "alpaca", "sft", "messages"]
 PromptFormat = Literal["template", "chat"]
 
 
