@@ -29,7 +29,7 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
     params = params or FinetuneParams()
     finetune_id = new_finetune_id()
     data = prepare_data_task(params, finetune_id)
-    trained = None if params.dry_run else train_task(params, finetune_id)
+    trained = None if params.dry_run else train_task(params, finetune_id, data.fingerprint)
     manifest = write_manifest_task(params, data, trained)
     if params.vllm_url and not params.dry_run:
         register_task(params, finetune_id)

@@ -454,4 +454,7 @@ def test_export_and_training_data_on_s3(s3_settings: Settings, tmp_path: Path) -
     assert result.rows == 11 and result.rounds == [1]
     data = upload_training_data(store, "ft-s3", FinetuneParams(store_url=store.url))
     assert data.rows["train"] + data.rows["validation"] == 11
-    assert store.list_names("finetunes/ft-s3/data") == ["train.jsonl", "validation.jsonl"]
+    assert store.list_names("finetunes/ft-s3/dataset/data") == [
+        "train-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet",
+    ]
