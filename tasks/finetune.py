@@ -39,6 +39,7 @@ from schemas import Settings
 from schemas.training import ExportStats, FinetuneManifest, FinetuneMetrics, FinetuneParams, LossPoint
 from tasks.dataset import DatasetSpec, build_dataset_folder, fingerprint_of_folder
 from tasks.export import format_rounds
+from tasks.progress import ProgressUpdate, report
 from tasks.store import Store, redact_url
 
 EMBEDDED = "embedded"
@@ -293,6 +294,31 @@ def _loss_callback(log: Callable[[str], None]) -> Any:
     return LogToLogger()
 
 
+PROGRESS_KEY = "finetune"
+
+
+def _progress_callback() -> Any:
+    """A Trainer callback that reports steps and the latest loss to the terminal progress display."""
+    from transformers import TrainerCallback
+
+    class StepsToProgress(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            report(ProgressUpdate(PROGRESS_KEY, done=state.global_step, total=state.max_steps, unit="steps"))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            report(ProgressUpdate(PROGRESS_KEY, done=state.global_step, total=state.max_steps))
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            if logs and "loss" in logs:
+                report(ProgressUpdate(PROGRESS_KEY, note=f"loss {logs['loss']:.4f}"))
+            elif logs and "eval_loss" in logs:
+                report(ProgressUpdate(PROGRESS_KEY, note=f"validation loss {logs['eval_loss']:.4f}"))
+
+    return StepsToProgress()
+
+
 def train_adapter(
     train_rows: list[dict[str, Any]],
     validation_rows: list[dict[str, Any]],
@@ -367,6 +393,7 @@ def train_adapter(
             peft_config=lora,
         )
         trainer.remove_callback(transformers.PrinterCallback)
+        trainer.add_callback(_progress_callback())
         if log is not None:
             trainer.add_callback(_loss_callback(log))
         eval_before = float(trainer.evaluate()["eval_loss"]) if validation_rows else None

@@ -30,6 +30,7 @@ from tasks.finetune import (
     upload_training_data,
     write_manifest,
 )
+from tasks.progress import ProgressUpdate, showing
 from tasks.store import Store
 from tests.tasks.test_export import two_round_store
 
@@ -120,8 +121,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, FinetuneMa
     finetune_id = new_finetune_id()
     data = upload_training_data(store, finetune_id, params)
     lines: list[str] = []
-    adapter = train_from_store(store, finetune_id, params, log=lines.append, fingerprint=data.fingerprint)
+    updates: list[ProgressUpdate] = []
+    with showing(updates.append):
+        adapter = train_from_store(store, finetune_id, params, log=lines.append, fingerprint=data.fingerprint)
     assert lines[0].startswith("step 1/12: loss ")
+    # The terminal display (a TrainerCallback) hears every step and the latest loss.
+    assert ProgressUpdate("finetune", done=0, total=12, unit="steps") in updates
+    assert sum(1 for u in updates if u.note and u.note.startswith("validation loss ")) == 2  # before, after
+    assert [u.done for u in updates if u.done] == list(range(1, 13))
+    assert sum(1 for u in updates if u.note and u.note.startswith("loss ")) == 12
     return store, write_manifest(store, params, data, adapter)
 
 
