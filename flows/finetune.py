@@ -40,6 +40,7 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
         "dry_run": params.dry_run,
         "rounds": manifest.rounds,
         "rows": manifest.rows,
+        "dataset_fingerprint": manifest.dataset_fingerprint,
         "eval_loss_before": trained.metrics.eval_loss_before if trained else None,
         "eval_loss_after": trained.metrics.eval_loss_after if trained else None,
     }

@@ -222,7 +222,7 @@ def _export_folder(
     except (ExportError, SeedFileError, TemplateError) as error:
         fail(f"{error} (store {_where(store_obj)})" if isinstance(error, ExportError) else str(error))
         raise
-    _print_sources("Export (Hugging Face dataset folder)", result.stats)
+    _print_sources("Export (dataset folder)", result.stats)
     splits = ", ".join(f"{name} {rows}" for name, rows in result.rows.items())
     console.print(f"[green]wrote {splits} rows[/] and a dataset card to {result.path}")
     console.print(
@@ -296,9 +296,11 @@ def finetune(
     prepare_prefect_env(local_data_dir(settings))
 
     from flows.finetune import finetune as finetune_flow
+    from selfinstruct.progress import terminal_progress
 
     try:
-        summary = finetune_flow(params)
+        with terminal_progress(console):
+            summary = finetune_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"fine-tune failed: {error}", code=1)
         raise
@@ -308,11 +310,13 @@ def finetune(
     rows: Any = summary["rows"]
     table.add_row("rounds", ", ".join(map(str, chosen)))
     table.add_row("train / validation rows", f"{rows['train']} / {rows['validation']}")
+    table.add_row("dataset fingerprint", str(summary.get("dataset_fingerprint") or "-")[:16])
     for key in ("eval_loss_before", "eval_loss_after"):
         value = summary[key]
         table.add_row(key.replace("_", " "), "-" if value is None else f"{value:.4f}")
     console.print(table)
-    console.print(f"stored at {store_obj.location_of('finetunes/' + str(summary['finetune_id']))}")
+    location = store_obj.location_of(f"finetunes/{summary['finetune_id']}")
+    console.print(f"stored at {location}; trained on the dataset folder {location}/dataset")
 
 
 def evaluate(
@@ -353,9 +357,11 @@ def evaluate(
     prepare_prefect_env(local_data_dir(settings))
 
     from flows.evaluate import evaluate as evaluate_flow
+    from selfinstruct.progress import terminal_progress
 
     try:
-        summary = evaluate_flow(params)
+        with terminal_progress(console):
+            summary = evaluate_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"evaluation failed: {error}", code=1)
         raise

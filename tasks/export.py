@@ -437,7 +437,8 @@ def check_export_path(out: Path, fmt: ExportFormat) -> None:
     wanted = SUFFIXES[fmt]
     if out.suffix.lower() != wanted:
         others = sorted(f for f, suffix in SUFFIXES.items() if suffix == out.suffix.lower())
-        hint = f" ({out.suffix} is for --format {' or '.join(others)})" if others else ""
+        names = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else "".join(others)
+        hint = f" ({out.suffix} is for --format {names})" if others else ""
         what = "one JSON array" if wanted == ".json" else "JSON Lines"
         raise ExportError(f"{out}: --format {fmt} writes {what}, so the file name must end in {wanted}{hint}")
     if out.is_dir():
