@@ -223,6 +223,11 @@ def check_target(folder: Path) -> None:
         raise ExportError(f"{folder}: is a file; the dataset needs a folder")
     if folder.is_dir():
         foreign = sorted(p.name for p in folder.iterdir() if p.name not in _OWN_ENTRIES)
+        data = folder / DATA_DIR
+        if data.is_dir():
+            foreign += sorted(
+                f"{DATA_DIR}/{p.name}" for p in data.iterdir() if not (p.is_file() and p.suffix == ".parquet")
+            )
         if foreign:
             raise ExportError(
                 f"{folder}: not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "

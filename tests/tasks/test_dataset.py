@@ -206,6 +206,10 @@ def test_folder_targets(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="rounds 7 are not committed"):
         build_dataset_folder(store, DatasetSpec(rounds=[7]), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    (tmp_path / "looks-like-one" / "data").mkdir(parents=True)
+    (tmp_path / "looks-like-one" / "data" / "raw.csv").write_text("a,b")
+    with pytest.raises(ExportError, match=r"not empty \(data/raw\.csv\)"):
+        build_dataset_folder(store, DatasetSpec(), tmp_path / "looks-like-one")
     first = build_dataset_folder(store, DatasetSpec(rounds=[1]), tmp_path / "ds")
     again = build_dataset_folder(store, DatasetSpec(rounds=[2]), tmp_path / "ds")  # replaces its own export
     assert first.fingerprint != again.fingerprint == fingerprint_of_folder(tmp_path / "ds")
