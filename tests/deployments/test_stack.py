@@ -239,6 +239,18 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s:
     raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
 
 
+class RetryingClient(httpx.Client):
+    """Retries the 503 a Prefect server on SQLite answers while its database is locked (so does Prefect)."""
+
+    def request(self, *args: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+        for attempt in range(6):
+            response = super().request(*args, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(min(2.0**attempt, 10.0))
+        return response
+
+
 @dataclass
 class Stack:
     """The module's stack: its recorded state, the `stack up` arguments and its store."""
@@ -249,7 +261,7 @@ class Stack:
     store: Any
 
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.state.api_url, timeout=30.0)
+        return RetryingClient(base_url=self.state.api_url, timeout=30.0)
 
     def reload(self) -> None:
         self.state = StackState.from_json(StackLayout(ROOT, self.data_dir).state_file.read_text())
