@@ -11,6 +11,7 @@ from tasks.artifacts import ProgressArtifact, name_flow_run, publish_round
 from tasks.events import emit_data_ready_if_due, round_slot
 from tasks.llm import CompletionRequest, generate_in_tasks
 from tasks.llm_sizing import size_for_servers_task
+from tasks.progress import ProgressUpdate, generation_hook, report
 from tasks.report import publish_report
 from tasks.secrets import run_settings
 from tasks.steps import (
@@ -71,7 +72,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                     llm_settings,
                     urls,
                     cache,
-                    on_progress=progress.callback(stage),
+                    on_progress=generation_hook(f"round {ctx.number} {stage}", progress.callback(stage)),
                     model=ctx.model,
                     stage=stage,
                 )
@@ -84,6 +85,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
             accepted, duplicates = dedup_candidates_task(
                 candidates, ctx.pool, config, ctx.number, ctx.model, settings.dask_address
             )
+            report(ProgressUpdate(f"round {ctx.number} instructions", note=f"kept {len(accepted)}"))
             answers = complete(
                 classify_requests(accepted, config, ctx.number), config.classify_sampling, "classification"
             )
@@ -92,6 +94,12 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                 instance_requests(classified, config, ctx.number), config.instance_sampling, "instances"
             )
         instructions, instances, unusable = collect_instances_task(classified, outputs, config, ctx.number)
+        report(
+            ProgressUpdate(
+                f"round {ctx.number} instances",
+                note=f"kept {len(instructions)} instructions, {len(instances)} instances",
+            )
+        )
 
         manifest = write_round_task(
             ctx.store,

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ExportFormat = Literal["jsonl", "alpaca", "sft"]
+ExportFormat = Literal["jsonl", "alpaca", "sft", "messages"]
 PromptFormat = Literal["template", "chat"]
 
 
@@ -177,7 +177,12 @@ class FinetuneManifest(BaseModel):
     seeds_sha256: str | None = Field(description="Checksum of the seed file, when seeds were included.")
     rows: dict[str, int] = Field(description="Rows of the 'train' and 'validation' files.")
     sha256: dict[str, str] = Field(
-        description="sha256 of the 'train' and 'validation' JSONL files as stored."
+        description="sha256 of every file of the dataset folder, by path relative to finetunes/<id>/."
+    )
+    dataset_fingerprint: str | None = Field(
+        default=None,
+        description="Fingerprint of the dataset folder's data files (tasks/dataset.py); equal to that of "
+        "`selfinstruct export --to` with the same rounds and options. None in manifests older than it.",
     )
     export: ExportStats
     base_model: str = Field(description="The base model as given ('embedded' for the shipped GGUF).")

@@ -210,12 +210,15 @@ def run(
 
     from flows.bootstrap import bootstrap_round
     from schemas import RoundParams
+    from selfinstruct.progress import terminal_progress
+    from tasks.progress import ProgressUpdate, report
     from tasks.steps import llm_endpoints
     from tasks.store import redact_url
 
     summaries = []
-    with llm_endpoints(list(llm_url or []), settings) as urls:
+    with llm_endpoints(list(llm_url or []), settings) as urls, terminal_progress(console):
         console.print(f"LLM server(s): {', '.join(redact_url(u) for u in urls)}")
+        report(ProgressUpdate("run", done=0, total=rounds, unit="rounds"))
         for _ in range(rounds):
             params = RoundParams(
                 store_url=settings.store_url,
@@ -230,6 +233,16 @@ def run(
                 fail(f"round failed: {error}", code=1)
             summaries.append(summary)
             console.print(f"[green]round {summary['round']} committed[/] at {summary['location']}")
+            counts: list[Any] = [s["counts"] for s in summaries]
+            kept = sum(c["kept"] for c in counts)
+            instances = sum(c["instances"] for c in counts)
+            report(
+                ProgressUpdate(
+                    "run",
+                    done=len(summaries),
+                    note=f"kept so far: {kept} instructions, {instances} instances",
+                )
+            )
     print_summary(store_obj, summaries)
 
 

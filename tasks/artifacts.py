@@ -134,10 +134,10 @@ class ProgressArtifact:
         assert isinstance(created, UUID)  # the sync API: flows here are synchronous
         self.artifact_id = created
 
-    def callback(self, stage: str) -> Callable[[int, int], None]:
-        """An `on_progress(done, total)` callback for one generation stage."""
+    def callback(self, stage: str) -> Callable[[int, int, int], None]:
+        """An `on_progress(done, total, tokens)` callback for one generation stage (tokens are not shown)."""
 
-        def report(done: int, total: int) -> None:
+        def report(done: int, total: int, tokens: int = 0) -> None:
             percent = 100.0 * done / total if total else 100.0
             update_progress_artifact(self.artifact_id, percent, description=f"{self.description}: {stage}")
 

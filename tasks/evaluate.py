@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from tasks.finetune import (
     read_finetune_manifest,
     set_torch_threads,
 )
+from tasks.progress import ProgressUpdate, report
 from tasks.store import Store, redact_url
 
 DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "seeds" / "heldout_tasks.jsonl"
@@ -159,9 +160,16 @@ def evaluation_id(finetune_id: str, key: str) -> str:
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to `prompts`, batched with left padding (prompts of similar length batched together).
+
+    `on_progress(answered, total)` is called after each batch, when given.
 
     Returns:
         The decoded new tokens of each prompt, stripped, in the order of `prompts`.
@@ -189,6 +197,8 @@ def generate_answers(
                 chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
             ):
                 answers[i] = text.strip()
+            if on_progress is not None:
+                on_progress(len(answers), len(prompts))
     return [answers[i] for i in range(len(prompts))]
 
 
@@ -201,6 +211,15 @@ def load_finetuned(base_model: str | None, adapter_dir: Path) -> tuple[Any, Any]
 
 
 # -- the evaluation -------------------------------------------------------------------------------------
+
+
+def _answered_progress(key: str) -> Callable[[int, int], None]:
+    """Terminal progress of one model's answers (tasks answered of all), for `generate_answers`."""
+
+    def hook(done: int, total: int) -> None:
+        report(ProgressUpdate(key, done=done, total=total, unit="tasks"))
+
+    return hook
 
 
 def evaluate_finetune(
@@ -239,7 +258,12 @@ def evaluate_finetune(
             )
             prompts = build_prompts(tasks, params.prompt_format, params.template, tokenizer)
             answers[name] = generate_answers(
-                model, tokenizer, [p.prompt for p in prompts], params.max_new_tokens, params.batch_size
+                model,
+                tokenizer,
+                [p.prompt for p in prompts],
+                params.max_new_tokens,
+                params.batch_size,
+                _answered_progress(f"evaluate {name}"),
             )
             del model  # one copy of the weights at a time
             if log is not None:

@@ -109,7 +109,12 @@ def test_dry_run_flow_and_cli(prefect_server: None, tmp_path: Path) -> None:
     assert (
         manifest.dry_run
         and manifest.rounds == [2]
-        and manifest.files == ["data/train.jsonl", "data/validation.jsonl"]
+        and manifest.files
+        == [
+            "dataset/README.md",
+            "dataset/data/train-00000-of-00001.parquet",
+            "dataset/data/validation-00000-of-00001.parquet",
+        ]
     )
     events = _events(f"{store_resource_id(Store(store.url))}.finetune.{finetune_id}")
     assert events and events[0]["resource"]["selfinstruct.dry-run"] == "true"

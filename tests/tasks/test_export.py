@@ -301,18 +301,21 @@ def test_sft_rows_use_every_template_and_the_choice_is_stable(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("fmt", "columns"),
+    ("fmt", "name", "columns"),
     [
-        ("jsonl", {"instruction", "input", "output", "is_classification", "round", "id"}),
-        ("alpaca", {"instruction", "input", "output"}),
-        ("sft", {"prompt", "completion"}),
+        ("jsonl", "out.jsonl", {"instruction", "input", "output", "is_classification", "round", "id"}),
+        ("alpaca", "out.json", {"instruction", "input", "output"}),
+        ("sft", "out.jsonl", {"prompt", "completion"}),
+        ("messages", "out.jsonl", {"messages"}),
     ],
 )
-def test_export_round_trips_through_datasets(tmp_path: Path, fmt: ExportFormat, columns: set[str]) -> None:
+def test_export_round_trips_through_datasets(
+    tmp_path: Path, fmt: ExportFormat, name: str, columns: set[str]
+) -> None:
     import datasets
 
     store = two_round_store(tmp_path / "store")
-    out = tmp_path / "out" / f"{fmt}.jsonl"
+    out = tmp_path / "out" / name
     result = write_export(
         store, out, fmt, rounds="1:2", include_seeds=True, seeds_path=write_seed_file(tmp_path / "s.jsonl")
     )
@@ -323,6 +326,65 @@ def test_export_round_trips_through_datasets(tmp_path: Path, fmt: ExportFormat, 
     if fmt == "jsonl":
         assert sorted(set(loaded["round"])) == [0, 1, 2]
         assert out.read_text().splitlines()[0].startswith('{"instruction": ')
+
+
+def test_alpaca_is_one_json_array(tmp_path: Path) -> None:
+    store = two_round_store(tmp_path / "store")
+    out = tmp_path / "alpaca_data.json"
+    write_export(store, out, "alpaca", rounds="2")
+    with out.open(encoding="utf-8") as handle:
+        rows = json.load(handle)  # what Alpaca's own training script does with its data file
+    assert isinstance(rows, list) and len(rows) == 11
+    assert all(list(row) == ["instruction", "input", "output"] for row in rows)
+    assert {
+        "instruction": "Give the capital city of the country.",
+        "input": "Japan",
+        "output": "Tokyo",
+    } in rows
+
+
+def test_messages_are_conversations_trl_accepts(tmp_path: Path) -> None:
+    from trl.data_utils import is_conversational
+
+    store = two_round_store(tmp_path / "store")
+    out = tmp_path / "chat.jsonl"
+    write_export(store, out, "messages", rounds="1", system_prompt="You follow instructions.")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(is_conversational(row) for row in rows)
+    by_answer = {row["messages"][-1]["content"]: row["messages"] for row in rows}
+    assert by_answer["mice"] == [
+        {"role": "system", "content": "You follow instructions."},
+        {"role": "user", "content": "Give the plural of the noun.\n\nmouse"},
+        {"role": "assistant", "content": "mice"},
+    ]
+    assert by_answer["The Rolling Pin"][1:] == [
+        {"role": "user", "content": "Suggest a name for a bakery."},
+        {"role": "assistant", "content": "The Rolling Pin"},
+    ]
+    no_system = tmp_path / "plain.jsonl"
+    write_export(store, no_system, "messages", rounds="1")
+    first = json.loads(no_system.read_text().splitlines()[0])["messages"]
+    assert [turn["role"] for turn in first] == ["user", "assistant"] and is_conversational(
+        {"messages": first}
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "message"),
+    [
+        ("alpaca", "a.jsonl", r"alpaca writes one JSON array, so the file name must end in \.json "),
+        ("jsonl", "a.json", r"must end in \.jsonl \(\.json is for --format alpaca\)"),
+        ("messages", "a.txt", r"messages writes JSON Lines, so the file name must end in \.jsonl$"),
+        ("sft", "a", r"must end in \.jsonl"),
+    ],
+)
+def test_a_file_name_that_contradicts_the_format_is_refused(
+    tmp_path: Path, fmt: ExportFormat, name: str, message: str
+) -> None:
+    store = two_round_store(tmp_path / "store")
+    with pytest.raises(ExportError, match=message):
+        write_export(store, tmp_path / name, fmt)
+    assert not (tmp_path / name).exists()
 
 
 def test_export_errors_write_nothing(tmp_path: Path) -> None:
@@ -344,7 +406,7 @@ def test_export_cli(tmp_path: Path) -> None:
     app = typer.Typer()
     register(app)
     store = two_round_store(tmp_path / "store")
-    out = tmp_path / "alpaca.jsonl"
+    out = tmp_path / "alpaca.json"
     runner = CliRunner()
     result = runner.invoke(
         app,
@@ -362,8 +424,18 @@ def test_export_cli(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    assert len(out.read_text().splitlines()) == 6
+    assert len(json.loads(out.read_text())) == 6
     assert "6 rows" in result.output
+
+    wrong_name = runner.invoke(
+        app, ["export", "--format", "alpaca", "--store", store.url, str(tmp_path / "alpaca.jsonl")]
+    )
+    assert wrong_name.exit_code == 2 and not (tmp_path / "alpaca.jsonl").exists()
+    assert wrong_name.output.lstrip().startswith("error: ")
+    system_elsewhere = runner.invoke(
+        app, ["export", "--system-prompt", "x", "--store", store.url, str(tmp_path / "j.jsonl")]
+    )
+    assert system_elsewhere.exit_code == 2 and "only applies to --format messages" in system_elsewhere.output
 
     failed = runner.invoke(
         app, ["export", "--format", "sft", "--store", str(tmp_path / "none"), str(tmp_path / "n.jsonl")]
@@ -382,4 +454,7 @@ def test_export_and_training_data_on_s3(s3_settings: Settings, tmp_path: Path) -
     assert result.rows == 11 and result.rounds == [1]
     data = upload_training_data(store, "ft-s3", FinetuneParams(store_url=store.url))
     assert data.rows["train"] + data.rows["validation"] == 11
-    assert store.list_names("finetunes/ft-s3/data") == ["train.jsonl", "validation.jsonl"]
+    assert store.list_names("finetunes/ft-s3/dataset/data") == [
+        "train-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet",
+    ]

@@ -9,24 +9,26 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.training import FinetuneManifest, FinetuneMetrics, FinetuneParams
+from tasks.dataset import DatasetSpec, build_dataset_folder
 from tasks.events import trained_rounds
 from tasks.export import ExportError, load_templates
 from tasks.finetune import (
     EMBEDDED_GGUF,
     FinetuneError,
-    build_training_data,
+    dataset_spec,
     embedded_gguf_path,
     latest_finetune,
     load_base_model,
+    load_training_splits,
     new_finetune_id,
     read_finetune_manifest,
-    read_rows,
     register_with_vllm,
     resolve_base_model,
     train_from_store,
     upload_training_data,
     write_manifest,
 )
+from tasks.progress import ProgressUpdate, showing
 from tasks.store import Store
 from tests.support.fake_openai import FakeOpenAI, VLLMMode
 from tests.tasks.test_export import two_round_store
@@ -65,24 +67,38 @@ def test_base_model_specs(tmp_path: Path) -> None:
         resolve_base_model(str(tmp_path / "missing.gguf"))
 
 
-def test_training_data_is_split_and_checksummed(tmp_path: Path) -> None:
+def test_training_data_is_the_exported_dataset_folder(tmp_path: Path) -> None:
     store = two_round_store(tmp_path / "store")
     params = FinetuneParams(store_url=store.url, rounds=[2], validation_fraction=0.34, seed=5)
-    train, validation, rounds, stats, seeds_sha = build_training_data(store, params)
-    assert rounds == [2] and seeds_sha is None
-    train_rows, validation_rows = read_rows(train), read_rows(validation)
-    assert len(train_rows) + len(validation_rows) == stats.rows == 11
-    assert validation_rows and all(set(r) == {"prompt", "completion"} for r in train_rows + validation_rows)
-
     summary = upload_training_data(store, "ft-test", params)
-    assert store.get_bytes("finetunes/ft-test/data/train.jsonl") == train
-    assert summary.sha256["train"] == hashlib.sha256(train).hexdigest()
-    assert summary.rows == {"train": len(train_rows), "validation": len(validation_rows)}
+    assert summary.rounds == [2] and summary.seeds_sha256 is None
+    assert summary.rows["train"] + summary.rows["validation"] == summary.stats.rows == 11
+    assert summary.rows["validation"] > 0
+    assert "dataset/README.md" in summary.files
+    for name, sha in summary.sha256.items():
+        assert hashlib.sha256(store.get_bytes(f"finetunes/ft-test/{name}")).hexdigest() == sha
+
+    # The same folder as `selfinstruct export --to` with the same options: byte for byte.
+    exported = build_dataset_folder(store, dataset_spec(params), tmp_path / "export")
+    assert exported.fingerprint == summary.fingerprint
+    assert {f"dataset/{n}": s for n, s in exported.files.items()} == summary.sha256
+
+    train, validation = load_training_splits(store, "ft-test", tmp_path / "scratch", summary.fingerprint)
+    assert (len(train), len(validation)) == (summary.rows["train"], summary.rows["validation"])
+    assert all(set(r) == {"prompt", "completion"} for r in train + validation)
+
+    # A shard swapped for a valid shard of another export is caught before training.
+    build_dataset_folder(store, DatasetSpec(rounds=[1]), tmp_path / "other")
+    other = (tmp_path / "other" / "data" / "train-00000-of-00001.parquet").read_bytes()
+    store.put_bytes("finetunes/ft-test/dataset/data/train-00000-of-00001.parquet", other)
+    with pytest.raises(FinetuneError, match="dataset files changed since they were built"):
+        load_training_splits(store, "ft-test", tmp_path / "scratch2", summary.fingerprint)
 
     with pytest.raises(ExportError, match=r"rounds 3, 7 are not committed \(committed: 1-2\)"):
-        build_training_data(store, params.model_copy(update={"rounds": [1, 3, 7]}))
+        upload_training_data(store, "ft-x", params.model_copy(update={"rounds": [1, 3, 7]}))
     with pytest.raises(ExportError, match="has no committed rounds"):
-        build_training_data(Store(str(tmp_path / "empty")), params)
+        upload_training_data(Store(str(tmp_path / "empty")), "ft-y", params)
+    assert store.list_names("finetunes") == ["ft-test"]
 
 
 def test_every_template_prompt_is_a_token_prefix_of_prompt_plus_answer() -> None:
@@ -104,8 +120,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, FinetuneMa
     finetune_id = new_finetune_id()
     data = upload_training_data(store, finetune_id, params)
     lines: list[str] = []
-    adapter = train_from_store(store, finetune_id, params, log=lines.append)
+    updates: list[ProgressUpdate] = []
+    with showing(updates.append):
+        adapter = train_from_store(store, finetune_id, params, log=lines.append, fingerprint=data.fingerprint)
     assert lines[0].startswith("step 1/12: loss ")
+    # The terminal display (a TrainerCallback) hears every step and the latest loss.
+    assert ProgressUpdate("finetune", done=0, total=12, unit="steps") in updates
+    assert sum(1 for u in updates if u.note and u.note.startswith("validation loss ")) == 2  # before, after
+    assert [u.done for u in updates if u.done] == list(range(1, 13))
+    assert sum(1 for u in updates if u.note and u.note.startswith("loss ")) == 12
     return store, write_manifest(store, params, data, adapter)
 
 
@@ -125,15 +148,17 @@ def test_fine_tune_is_recorded_in_the_store(trained: tuple[Store, FinetuneManife
     base = f"finetunes/{manifest.finetune_id}"
     assert manifest.rounds == [1, 2] and not manifest.dry_run
     assert manifest.rows["train"] + manifest.rows["validation"] == 25
-    train = store.get_bytes(f"{base}/data/train.jsonl")
-    assert manifest.sha256["train"] == hashlib.sha256(train).hexdigest()
+    train = store.get_bytes(f"{base}/dataset/data/train-00000-of-00001.parquet")
+    assert manifest.sha256["dataset/data/train-00000-of-00001.parquet"] == hashlib.sha256(train).hexdigest()
+    assert manifest.dataset_fingerprint is not None and len(manifest.dataset_fingerprint) == 64
     for name in (
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
         "adapter/tokenizer.json",
         "training_config.json",
         "metrics.json",
-        "data/validation.jsonl",
+        "dataset/README.md",
+        "dataset/data/validation-00000-of-00001.parquet",
     ):
         assert name in manifest.files and store.exists(f"{base}/{name}"), name
     assert not store.exists(f"{base}/adapter/training_args.bin")
@@ -150,7 +175,11 @@ def test_dry_run_writes_data_and_manifest_only(trained: tuple[Store, FinetuneMan
     dry_id = new_finetune_id()
     dry = write_manifest(store, params, upload_training_data(store, dry_id, params), None)
     assert dry.dry_run and dry.metrics is None and dry.rounds == [1]
-    assert dry.files == ["data/train.jsonl", "data/validation.jsonl"]
+    assert dry.files == [
+        "dataset/README.md",
+        "dataset/data/train-00000-of-00001.parquet",
+        "dataset/data/validation-00000-of-00001.parquet",
+    ]
     assert trained_rounds(json.loads(store.get_bytes(f"finetunes/{dry_id}/manifest.json"))) == []
     assert latest_finetune(store) == manifest.finetune_id  # a dry run has nothing to evaluate
     with pytest.raises(FinetuneError, match="no finished fine-tune 'ft-nope'"):

@@ -282,15 +282,17 @@ def test_batches_carry_one_seed_and_duplicates_are_sent_once(fake_openai: FakeFa
 
 def test_progress_reaches_the_total(fake_openai: FakeFactory) -> None:
     fake = fake_openai()
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     client = fast_client([fake.url])
-    run(
+    records = run(
         generate_with(
-            client, requests_for(10), PARAMS, None, 3, 2, on_progress=lambda d, t: seen.append((d, t))
+            client, requests_for(10), PARAMS, None, 3, 2, on_progress=lambda d, t, k: seen.append((d, t, k))
         )
     )
-    assert seen[0] == (0, 10) and seen[-1] == (10, 10)
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[0] == (0, 10, 0) and seen[-1] == (10, 10, sum(r.completion_tokens for r in records))
+    assert seen[-1][2] > 0  # tokens the server generated, for a tokens/s display
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
+    assert [k for _, _, k in seen] == sorted(k for _, _, k in seen)
 
 
 # -- the completion cache -------------------------------------------------------------------------------
@@ -389,7 +391,7 @@ def test_generate_in_tasks_runs_one_task_per_chunk(prefect_server: None, fake_op
 
     progress: list[tuple[int, int, bool]] = []
 
-    def on_progress(done: int, total: int) -> None:
+    def on_progress(done: int, total: int, tokens: int) -> None:
         # Progress arrives off the event loop, so that it may call Prefect's sync API (artifacts).
         try:
             asyncio.get_running_loop()
