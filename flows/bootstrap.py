@@ -10,6 +10,7 @@ from schemas import CompletionRecord, RoundParams, SamplingParams, Settings
 from tasks.artifacts import ProgressArtifact, publish_round
 from tasks.events import emit_data_ready_if_due, round_slot
 from tasks.llm import CompletionRequest, generate_in_tasks
+from tasks.redact import redact_url
 from tasks.report import publish_report
 from tasks.steps import (
     RoundResult,
@@ -25,7 +26,7 @@ from tasks.steps import (
     plan_instruction_prompts_task,
     write_round_task,
 )
-from tasks.store import StoreCompletionCache, redact_url
+from tasks.store import StoreCompletionCache
 
 
 @flow(name="bootstrap-round")

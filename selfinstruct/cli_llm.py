@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from selfinstruct.console import console, fail
 from tasks.llm_server import (
     SMOLLM2,
     EmbeddedServer,
@@ -25,8 +24,6 @@ from tasks.llm_server import (
 )
 
 llm_app = typer.Typer(help="LLM servers for generation.", no_args_is_help=True, add_completion=False)
-console = Console()
-errors = Console(stderr=True)
 
 
 class Engine(StrEnum):
@@ -41,11 +38,6 @@ def _group() -> None:
     """LLM servers for generation."""
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    return typer.Exit(code)
-
-
 def _check_flags(engine: Engine, given: dict[str, object]) -> None:
     """Reject flags that belong to the other engine (they would be silently ignored otherwise)."""
     only = {
@@ -55,7 +47,7 @@ def _check_flags(engine: Engine, given: dict[str, object]) -> None:
     other = Engine.llamacpp if engine is Engine.vllm else Engine.vllm
     wrong = [flag for flag in only[other] if given.get(flag) not in (None, False)]
     if wrong:
-        raise _fail(f"{', '.join(wrong)}: only for --engine {other.value}, not {engine.value}")
+        fail(f"{', '.join(wrong)}: only for --engine {other.value}, not {engine.value}")
 
 
 def _wait_for_signal(process: subprocess.Popen[bytes] | None) -> bool:
@@ -109,9 +101,7 @@ def serve(
         },
     )
     if port and port_in_use(port, host):
-        raise _fail(
-            f"port {port} on {host} is already in use: pick another with --port (0 for any free port)"
-        )
+        fail(f"port {port} on {host} is already in use: pick another with --port (0 for any free port)")
     if engine is Engine.vllm:
         _serve_vllm(
             model, host, port, tensor_parallel_size or 1, enable_lora, gpu_memory_utilization or 0.9, timeout
@@ -135,13 +125,13 @@ def _serve_llamacpp(
         try:
             url = server.start(timeout_s=timeout)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise _fail(str(exc), code=1) from None
+            fail(str(exc), code=1)
     try:
         console.print(f"[green]llama.cpp server ready[/] model={model} slots={parallel}")
         console.print(url, highlight=False, soft_wrap=True)
         console.print("Ctrl-C or SIGTERM stops it.", style="dim")
         if not _wait_for_signal(server.process):
-            raise _fail(f"the server exited on its own; log: {server.log_path}", code=1)
+            fail(f"the server exited on its own; log: {server.log_path}", code=1)
     finally:
         server.stop()
     console.print("stopped")
@@ -157,7 +147,7 @@ def _serve_vllm(
     timeout: float,
 ) -> None:
     if not vllm_available():
-        raise _fail("vLLM is not installed here: pip install 'selfinstruct[vllm]' (on a GPU box)")
+        fail("vLLM is not installed here: pip install 'selfinstruct[vllm]' (on a GPU box)")
     port = port or free_port(host)
     cmd = vllm_command(model, port, tensor_parallel_size, enable_lora, gpu_memory_utilization, host=host)
     console.print(" ".join(cmd), style="dim", highlight=False)
@@ -168,11 +158,11 @@ def _serve_vllm(
             with console.status(f"waiting for vLLM to load {model}..."):
                 wait_until_ready(url, timeout, process)
         except (TimeoutError, RuntimeError) as exc:
-            raise _fail(str(exc), code=1) from None
+            fail(str(exc), code=1)
         console.print(f"[green]vLLM ready[/] model={model}")
         console.print(url, highlight=False, soft_wrap=True)
         if not _wait_for_signal(process):
-            raise _fail(f"vLLM exited on its own with code {process.returncode}", code=1)
+            fail(f"vLLM exited on its own with code {process.returncode}", code=1)
     finally:
         stop_process(process, timeout_s=30)
     console.print("stopped")

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from selfinstruct.console import console, fail
+from tasks.processes import ExitedBeforeReady, tail
+from tasks.processes import wait_for_http as poll_http
 
 DEFAULT_POOL = "selfinstruct-process"
 DEFAULT_PORT = 4200
@@ -32,8 +35,6 @@ STATE_VERSION = 1
 # SIGTERM for over 10 s but stops cleanly on SIGINT.
 STOP_SEQUENCE = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 
-console = Console()
-errors = Console(stderr=True)
 Say = Callable[[str], None]
 
 
@@ -240,27 +241,16 @@ def wait_for_http(url: str, timeout_s: float, process: ManagedProcess, what: str
     Raises:
         StackError: When `process` exits first or nothing answers within `timeout_s`.
     """
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not is_running(process):
-            raise StackError(f"{what} exited before answering; see {process.log}:\n{tail(Path(process.log))}")
-        try:
-            if httpx.get(url, timeout=5.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise StackError(f"{what} did not answer at {url} within {timeout_s:.0f} s; see {process.log}")
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file, for error messages."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+        poll_http(url, timeout_s, alive=lambda: is_running(process), interval_s=0.5)
+    except ExitedBeforeReady:
+        raise StackError(
+            f"{what} exited before answering; see {process.log}:\n{tail(Path(process.log))}"
+        ) from None
+    except TimeoutError:
+        raise StackError(
+            f"{what} did not answer at {url} within {timeout_s:.0f} s; see {process.log}"
+        ) from None
 
 
 def run_cli(
@@ -560,11 +550,6 @@ stack_app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    return typer.Exit(code)
-
-
 def _layout(data_dir: Path) -> StackLayout:
     return StackLayout(root=Path.cwd().resolve(), data_dir=data_dir.expanduser().resolve())
 
@@ -606,7 +591,7 @@ def stack_up(
                 say=lambda message: status.update(message),
             )
     except StackError as error:
-        raise _fail(str(error)) from None
+        fail(str(error), code=1)
     table = Table(title="selfinstruct stack", show_header=False)
     table.add_row("UI", f"[bold green]{state.ui_url}[/]")
     table.add_row("API", f"export PREFECT_API_URL={state.api_url}")
@@ -628,7 +613,7 @@ def stack_down(data_dir: DataDirOption = Path("data")) -> None:
     try:
         outcomes = stop_stack(layout, say=lambda message: console.print(message, style="dim"))
     except StackError as error:
-        raise _fail(str(error)) from None
+        fail(str(error), code=1)
     if not outcomes:
         console.print(f"no stack recorded in {layout.state_file}; nothing to stop")
         return
@@ -646,7 +631,7 @@ def stack_status(data_dir: DataDirOption = Path("data")) -> None:
     try:
         state = read_state(layout)
     except StackError as error:
-        raise _fail(str(error)) from None
+        fail(str(error), code=1)
     if state is None:
         console.print(f"no stack recorded in {layout.state_file}")
         raise typer.Exit(1)
@@ -673,23 +658,23 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Also write the HTML here.")] = None,
 ) -> None:
     """Write a round's HTML report (pool growth, ROUGE-L, lengths, rejections, verbs) into the store."""
-    from selfinstruct.cli import load_settings, open_store
+    from selfinstruct.inputs import load_settings, open_store_or_fail
     from tasks.report import render_report, save_report
     from tasks.store import StoreError
 
-    store_obj = open_store(load_settings(store))
+    store_obj = open_store_or_fail(load_settings(store))
     try:
         with console.status("rendering the report..."):
             number, page = render_report(store_obj, round_)
             location = save_report(store_obj, number, page)
     except StoreError as error:
-        raise _fail(str(error), code=2) from None
+        fail(str(error), code=2)
     console.print(f"[green]round {number} report[/] written to {location}", highlight=False)
     if out is not None:
         try:
             out.write_text(page)
         except OSError as error:
-            raise _fail(f"{out}: cannot write ({error.strerror})", code=2) from None
+            fail(f"{out}: cannot write ({error.strerror})", code=2)
         console.print(f"and to {out}", highlight=False)
 
 

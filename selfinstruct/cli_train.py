@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from selfinstruct.cli import console, fail, load_settings, local_data_dir, open_store, prepare_prefect_env
+from selfinstruct.console import console, fail
+from selfinstruct.inputs import load_settings, local_data_dir, open_store_or_fail, prepare_prefect_env
 
 StoreOption = Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")]
 RoundsOption = Annotated[
@@ -29,7 +30,7 @@ class Format(StrEnum):
 
 def _where(store_obj: Any) -> str:
     """A store's root for messages, credentials removed."""
-    from tasks.store import redact_url
+    from tasks.redact import redact_url
 
     return redact_url(store_obj.url)
 
@@ -42,7 +43,6 @@ def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
         return select_rounds(spec, store_obj.committed_rounds())
     except ExportError as error:
         fail(f"{error} (store {_where(store_obj)})")
-        raise
 
 
 def export(
@@ -63,12 +63,11 @@ def export(
     from tasks.export import ExportError, TemplateError, write_export
     from tasks.seeds import SeedFileError
 
-    store_obj = open_store(load_settings(store))
+    store_obj = open_store_or_fail(load_settings(store))
     try:
         result = write_export(store_obj, out, fmt.value, rounds, include_seeds, seeds, max_instances, seed)
     except (ExportError, SeedFileError, TemplateError) as error:
         fail(f"{error} (store {_where(store_obj)})" if isinstance(error, ExportError) else str(error))
-        raise
     stats = result.stats
     table = Table(title=f"Export ({fmt.value})")
     table.add_column("source")
@@ -106,7 +105,7 @@ def finetune(
     from schemas.training import FinetuneParams
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     chosen = _rounds_or_fail(store_obj, rounds)
     try:
         params = FinetuneParams(
@@ -122,7 +121,6 @@ def finetune(
     except ValidationError as error:
         first = error.errors()[0]
         fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
-        raise
     prepare_prefect_env(local_data_dir(settings))
 
     from flows.finetune import finetune as finetune_flow
@@ -131,7 +129,6 @@ def finetune(
         summary = finetune_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"fine-tune failed: {error}", code=1)
-        raise
     table = Table(title=f"Fine-tune {summary['finetune_id']}" + (" (dry run)" if dry_run else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -161,7 +158,7 @@ def evaluate(
     from tasks.finetune import FinetuneError, latest_finetune, read_finetune_manifest
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     try:
         if finetune_id is None:
             finetune_id = latest_finetune(store_obj)
@@ -188,7 +185,6 @@ def evaluate(
         summary = evaluate_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"evaluation failed: {error}", code=1)
-        raise
     table = Table(title=f"Held-out evaluation of {finetune_id}")
     for column in ("model", "ROUGE-L F", "empty", "degenerate", "tasks"):
         table.add_column(column, justify="left" if column == "model" else "right")

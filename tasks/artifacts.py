@@ -15,7 +15,8 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 
 from schemas import InstanceRecord, InstructionRecord, RoundManifest
-from tasks.store import Store, redact_url
+from tasks.redact import redact_url
+from tasks.store import Store
 
 COUNTS_KEY = "selfinstruct-round-counts"
 SAMPLES_KEY = "selfinstruct-round-samples"

@@ -25,15 +25,14 @@ from schemas import SeedTask
 from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, TaskAnswers
 from tasks.export import template_by_name
 from tasks.finetune import (
-    FINETUNES,
     FinetuneError,
     latest_finetune,
     load_base_model,
-    open_store,
     read_finetune_manifest,
     set_torch_threads,
 )
-from tasks.store import Store, redact_url
+from tasks.redact import redact_url
+from tasks.store import FINETUNES, Store, open_store
 
 DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "seeds" / "heldout_tasks.jsonl"
 EVALUATIONS = "evaluations"

