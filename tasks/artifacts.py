@@ -12,6 +12,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from schemas import InstanceRecord, InstructionRecord, RoundManifest
@@ -69,7 +70,7 @@ def store_resource_id(store: Store) -> str:
     return f"selfinstruct.store.{digest}"
 
 
-@task(name="publish-round")
+@task(name="publish-round", cache_policy=NO_CACHE)  # its inputs are a store and a round's records
 def publish_round(
     store: Store,
     manifest: RoundManifest,

@@ -11,7 +11,6 @@ the prompt itself; per-prompt seeds work too but then every batch holds a single
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
@@ -212,12 +211,15 @@ class OpenAICompletionClient:
         self._ssl: ssl.SSLContext | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, base_urls: list[str]) -> OpenAICompletionClient:
+    def from_settings(
+        cls, settings: Settings, base_urls: list[str], *, max_in_flight: int | None = None
+    ) -> OpenAICompletionClient:
         """Build a client from the infrastructure settings.
 
         Args:
             settings: Model name, API key, timeout and retry count come from here.
             base_urls: The servers to use (the embedded server's URL, or `settings.llm_urls()`).
+            max_in_flight: Cap on HTTP requests in flight across the client's callers (None: no cap).
         """
         return cls(
             base_urls,
@@ -225,6 +227,7 @@ class OpenAICompletionClient:
             api_key=settings.api_key,
             timeout_s=settings.llm_timeout_s,
             max_retries=settings.llm_max_retries,
+            max_in_flight=max_in_flight,
         )
 
     def in_flight(self) -> dict[str, int]:
@@ -579,13 +582,8 @@ class GenerationSession:
         self._thread.start()
 
         async def make() -> OpenAICompletionClient:
-            return OpenAICompletionClient(
-                base_urls,
-                settings.model,
-                api_key=settings.api_key,
-                timeout_s=settings.llm_timeout_s,
-                max_retries=settings.llm_max_retries,
-                max_in_flight=settings.llm_concurrency,
+            return OpenAICompletionClient.from_settings(
+                settings, base_urls, max_in_flight=settings.llm_concurrency
             )
 
         self.client = self.run(make())
@@ -623,20 +621,9 @@ class GenerationSession:
         self.close()
 
 
-def _retry_unless_rejected(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a request the server rejected (4xx) fails the same way every time, and a
-    chunk cancelled because another chunk failed for good (`cancel_all`) must stop, not retry 10 s later."""
-    error = state.data
-    if isinstance(error, asyncio.CancelledError | concurrent.futures.CancelledError):
-        return False
-    return not (isinstance(error, LLMError) and not error.retryable)
-
-
 @task(
     name="generate-chunk",
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=_retry_unless_rejected,
+    # No task-level retries: the HTTP client is the one retry layer (see the docstring).
     # Inputs hold a cache object and an API key: never hash or persist them; the completion cache does the
     # caching that matters.
     cache_policy=NO_CACHE,
@@ -651,6 +638,11 @@ def generate_chunk(
     on_progress: ProgressCallback | None = None,
 ) -> list[CompletionRecord]:
     """Prefect task: `generate` on one chunk of requests.
+
+    Retries: one layer, the HTTP client's. Each HTTP request is retried up to `settings.llm_max_retries`
+    times with backoff on transient faults (connection errors, timeouts, 408/429/5xx, malformed answers),
+    honouring Retry-After; a 4xx is never retried. This task itself does not retry (a task retry would
+    multiply the attempts); a round that still fails is rerun, and reuses every completion already cached.
 
     Args:
         requests: The chunk.

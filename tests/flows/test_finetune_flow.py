@@ -17,9 +17,7 @@ from tasks.evaluate import TABLE_KEY
 from tasks.events import store_root_url
 from tasks.finetune import FINETUNE_COMPLETED, METRICS_KEY, latest_finetune
 from tasks.store import Store
-from tests.tasks.test_evaluate import write_heldout
-from tests.tasks.test_export import two_round_store
-from tests.tasks.test_finetune import TRAIN_KNOBS
+from tests.support.factories import TRAIN_KNOBS, two_round_store, write_heldout
 
 pytestmark = pytest.mark.slow
 

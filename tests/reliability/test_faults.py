@@ -30,15 +30,10 @@ from schemas import BootstrapConfig, RoundParams, Settings
 from selfinstruct.cli import app
 from tasks.llm import LLMError
 from tasks.store import Store
-from tests.reliability import (
-    ModelLikeFake,
-    MotoProcess,
-    assert_store_sound,
-    cli_env,
-    moto_process,
-    run_cli,
-)
+from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import MotoProcess, cli_env, moto_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +114,7 @@ def test_flaky_llm_server_round_completes(prefect_server: None, small_batches: N
 def test_400_fails_fast_with_the_servers_message(
     prefect_server: None, small_batches: None, claims_of_an_exited_process: None, tmp_path: Path
 ) -> None:
-    """A 4xx is the request's fault: no retry (neither the client's nor Prefect's 10 s task retry)."""
+    """A 4xx is the request's fault: not retried (the client retries transient faults only; no task retry)."""
     store_url = str(tmp_path / "store")
     faults = FaultConfig(script=deque(["400"]))
     with ModelLikeFake(latency_s=0.05, faults=faults) as fake:

@@ -24,8 +24,10 @@ from selfinstruct.cli import app
 from tasks.llm import LLMError, OpenAICompletionClient
 from tasks.redact import redact_url
 from tasks.store import Store, StoreError, records_to_table
-from tests.reliability import ModelLikeFake, assert_store_sound, cli_env, free_port, run_cli
+from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import Fault
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import cli_env, free_port, run_cli
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 API_KEY = "sk-reliability-9b1f4c7e2d"

@@ -4,6 +4,7 @@ Each builder fills every required field with a plain default and takes keyword o
 what it is about. Rounds are committed through the real store API (claim, write, manifest last).
 """
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -192,3 +193,42 @@ def two_round_store(root: Path) -> Store:
     commit_tasks(store, TASKS[:6])
     commit_tasks(store, TASKS[6:])
     return store
+
+
+HELDOUT = [
+    ("Is the number positive or negative?", "-12", "negative", True),
+    ("Give the past tense of the verb.", "swim", "swam", False),
+    ("Name the largest planet in the solar system.", "", "Jupiter", False),
+    ("Convert the word to uppercase.", "quiet", "QUIET", False),
+]
+
+
+def write_heldout(path: Path) -> Path:
+    """A held-out file in the seed schema, one instance per task."""
+    lines = [
+        {
+            "id": f"heldout_task_{i}",
+            "name": f"task_{i}",
+            "instruction": instruction,
+            "instances": [{"input": input_text, "output": output}],
+            "is_classification": is_classification,
+        }
+        for i, (instruction, input_text, output, is_classification) in enumerate(HELDOUT)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+# Small enough for ~1 minute on 2 shared cores, large enough that the loss falls clearly.
+TRAIN_KNOBS: dict[str, Any] = {
+    "max_steps": 12,
+    "lr": 2e-3,
+    "batch_size": 4,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "max_length": 96,
+    "validation_fraction": 0.2,
+    "seed": 0,
+    "torch_threads": 1,  # 2 threads on 2 cores shared with other processes ran 4x slower than 1
+}

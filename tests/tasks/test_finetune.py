@@ -29,21 +29,7 @@ from tasks.finetune import (
 )
 from tasks.llm_server import embedded_model_path
 from tasks.store import Store
-from tests.tasks.test_export import two_round_store
-
-# Small enough for ~1 minute on 2 shared cores, large enough that the loss falls clearly.
-TRAIN_KNOBS: dict[str, Any] = {
-    "max_steps": 12,
-    "lr": 2e-3,
-    "batch_size": 4,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "max_length": 96,
-    "validation_fraction": 0.2,
-    "seed": 0,
-    "torch_threads": 1,  # 2 threads on 2 cores shared with other processes ran 4x slower than 1
-}
+from tests.support.factories import TRAIN_KNOBS, two_round_store
 
 
 def test_base_model_specs(tmp_path: Path) -> None:

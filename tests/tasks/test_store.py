@@ -3,7 +3,6 @@
 import io
 import json
 import multiprocessing
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,8 +11,6 @@ import pytest
 from pydantic import BaseModel, create_model
 
 from schemas import (
-    BootstrapConfig,
-    CompletionRecord,
     InstanceRecord,
     RoundManifest,
     Settings,
@@ -41,22 +38,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 
 def _manifest(store: Store, number: int, run_id: str) -> RoundManifest:
-    instances = records_to_table(
-        [InstanceRecord(instruction_id="r1", round=number, index=0, input="a", output="b", request_key="k")],
-        "instances",
-    )
+    instances = records_to_table([factories.instance("r1", number, input="a", output="b")], "instances")
     entry = store.write_table(number, "instances", instances)
-    return RoundManifest(
-        round=number,
-        run_id=run_id,
-        created_at=datetime.now(UTC),
-        model="m",
-        seeds_sha256="0" * 64,
-        pool_size_before=175,
-        counts={"kept": 1},
-        config=BootstrapConfig(),
-        files={"instances.parquet": entry},
-    )
+    return factories.manifest(number, run_id, {"instances.parquet": entry}, counts={"kept": 1})
 
 
 def test_round_is_invisible_until_its_manifest_is_written(store: Store) -> None:
@@ -111,20 +95,7 @@ def test_live_claim_blocks_a_second_run_and_a_dead_one_is_taken_over(store: Stor
 def test_completion_cache_persists_batches(store: Store) -> None:
     store.claim_next_round("run-a")
     cache = StoreCompletionCache(store, 1)
-    record = CompletionRecord(
-        key="k1",
-        stage="instruction",
-        request_id="r",
-        prompt="p",
-        text="t",
-        finish_reason="stop",
-        prompt_tokens=3,
-        completion_tokens=1,
-        latency_s=0.5,
-        model="m",
-        base_url="http://127.0.0.1:1/v1",
-        seed=1,
-    )
+    record = factories.completion(key="k1", request_id="r", latency_s=0.5, prompt_tokens=3)
     assert cache.get_many(["k1"]) == {}
     cache.put_many([record])
     fresh = StoreCompletionCache(store, 1)
