@@ -33,7 +33,6 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from schemas import Settings
 from schemas.training import ExportStats, FinetuneManifest, FinetuneMetrics, FinetuneParams, LossPoint
 from tasks.export import (
     ExportError,
@@ -46,6 +45,7 @@ from tasks.export import (
 )
 from tasks.llm_server import embedded_model_path
 from tasks.redact import redact_url
+from tasks.secrets import run_settings
 from tasks.store import FINETUNES, Store, open_store
 
 EMBEDDED = "embedded"
@@ -528,7 +528,7 @@ def local_adapter_copy(store: Store, finetune_id: str) -> Path:
 @task(name="prepare-finetune-data", cache_policy=NO_CACHE)
 def prepare_data_task(params: FinetuneParams, finetune_id: str) -> DataSummary:
     """Build and upload the train/validation data of a fine-tune."""
-    store = open_store(params.store_url)
+    store = open_store(params.store_url, run_settings())
     data = upload_training_data(store, finetune_id, params)
     get_run_logger().info(
         "fine-tune %s: %d train / %d validation rows from rounds %s%s (%d duplicates dropped)",
@@ -546,7 +546,9 @@ def prepare_data_task(params: FinetuneParams, finetune_id: str) -> DataSummary:
 def train_task(params: FinetuneParams, finetune_id: str) -> TrainedAdapter:
     """Train the LoRA adapter on the uploaded data and upload it."""
     logger = get_run_logger()
-    trained = train_from_store(open_store(params.store_url), finetune_id, params, log=logger.info)
+    trained = train_from_store(
+        open_store(params.store_url, run_settings()), finetune_id, params, log=logger.info
+    )
     metrics = trained.metrics
     logger.info(
         "fine-tune %s: %d steps in %.1f s, train loss %s -> %s, validation loss %s -> %s",
@@ -571,7 +573,7 @@ def write_manifest_task(
     params: FinetuneParams, data: DataSummary, trained: TrainedAdapter | None
 ) -> FinetuneManifest:
     """Write the manifest, the fine-tune's completion marker."""
-    return write_manifest(open_store(params.store_url), params, data, trained)
+    return write_manifest(open_store(params.store_url, run_settings()), params, data, trained)
 
 
 @task(name="register-adapter-with-vllm", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -579,8 +581,10 @@ def register_task(params: FinetuneParams, finetune_id: str) -> str:
     """Load the adapter into the configured vLLM server under the fine-tune's id; returns the path sent."""
     if params.vllm_url is None:
         raise FinetuneError("no vLLM URL configured")
-    settings = Settings()
-    path = params.vllm_adapter_path or str(local_adapter_copy(open_store(params.store_url), finetune_id))
+    settings = run_settings()
+    path = params.vllm_adapter_path or str(
+        local_adapter_copy(open_store(params.store_url, run_settings()), finetune_id)
+    )
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     register_with_vllm(params.vllm_url, finetune_id, path, api_key=api_key, timeout_s=settings.llm_timeout_s)
     get_run_logger().info(
@@ -621,8 +625,7 @@ METRICS_KEY = "selfinstruct-finetune-metrics"
 
 def finetune_event(store: Store, manifest: FinetuneManifest) -> dict[str, Any]:
     """Keyword arguments of `emit_event` announcing a finished fine-tune."""
-    from tasks.artifacts import store_resource_id
-    from tasks.events import store_root_url
+    from tasks.artifacts import store_resource_id, store_root_url
 
     metrics = manifest.metrics
     return {
@@ -652,7 +655,7 @@ def publish_finetune_task(store_url: str | None, manifest: FinetuneManifest) -> 
     from prefect.artifacts import create_table_artifact
     from prefect.events import emit_event
 
-    store = open_store(store_url)
+    store = open_store(store_url, run_settings())
     create_table_artifact(
         table=metrics_rows(manifest),
         key=METRICS_KEY,
