@@ -1,100 +1,31 @@
-"""The `selfinstruct` command line. Prefect is imported lazily, after its environment is set up."""
+"""The `selfinstruct` command line: `run`, `status`, `verify`, and every other command registered on `app`.
 
-import json
+Every command is on `app` as soon as this module is imported. Prefect, the store and the training stack are
+imported inside the commands, after Prefect's environment is set up, so `selfinstruct --help` stays fast.
+"""
+
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from schemas import BootstrapConfig, Settings
+from schemas import Settings
+from selfinstruct import cli_ops, cli_train
+from selfinstruct.cli_llm import llm_app
+from selfinstruct.console import console, errors, fail
+from selfinstruct.inputs import (
+    load_config,
+    load_settings,
+    local_data_dir,
+    open_store_or_fail,
+    prepare_prefect_env,
+)
 
 app = typer.Typer(
     help="Self-Instruct bootstrap rounds on Prefect.", no_args_is_help=True, add_completion=False
 )
-console = Console()
-errors = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one clear error line and exit non-zero."""
-    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
-
-
-def local_data_dir(settings: Settings) -> Path:
-    """Folder for local state (Prefect's database, model files): the store when local, else ./data."""
-    if "://" in settings.store_url and not settings.store_url.startswith("file://"):
-        return Path("data").resolve()
-    return Path(settings.store_url.removeprefix("file://")).expanduser().resolve()
-
-
-def prepare_prefect_env(data_dir: Path) -> None:
-    """Keep Prefect's ephemeral API inside the project's data folder, and give it time to start on 2 cores."""
-    if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_HOME", str(data_dir / "prefect"))
-        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-
-
-def load_settings(store: str | None) -> Settings:
-    """Settings from the environment, with the store overridden by --store."""
-    try:
-        settings = Settings()
-        if store:
-            settings = settings.model_copy(update={"store_url": store})
-    except ValidationError as error:
-        first = error.errors()[0]
-        fail(f"settings: SELFINSTRUCT_{str(first['loc'][0]).upper()}: {first['msg']}")
-        raise
-    return settings
-
-
-def load_config(path: Path | None, prompts: int | None, adapter: str | None = None) -> BootstrapConfig:
-    """A BootstrapConfig from a JSON file (all fields optional), with --prompts and --adapter applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = json.loads(path.read_text())
-        except OSError as error:
-            fail(f"{path}: cannot read ({error.strerror})")
-        except json.JSONDecodeError as error:
-            fail(f"{path}:{error.lineno}: invalid JSON ({error.msg})")
-        if not isinstance(data, dict):
-            fail(f"{path}: expected a JSON object of BootstrapConfig fields")
-    if prompts is not None:
-        data["prompts_per_round"] = prompts
-    if adapter is not None:
-        data["adapter"] = adapter
-    try:
-        return BootstrapConfig.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        fail(f"{path or 'config'}: field '{where}': {first['msg']}")
-        raise
-
-
-def open_store(settings: Settings) -> Any:
-    """The configured store, or a clear error."""
-    from tasks.store import Store, StoreError, redact_url
-
-    try:
-        store_obj = Store(settings.store_url, settings)
-    except StoreError as error:
-        fail(str(error))
-    try:
-        # One cheap read, so missing or wrong S3 credentials, an unreachable endpoint or a store path that is
-        # a file show up as one line here instead of a traceback from inside a flow.
-        store_obj.committed_rounds()
-    except Exception as error:
-        fail(f"store {redact_url(settings.store_url)}: cannot read it ({type(error).__name__}: {error})")
-    return store_obj
 
 
 def check_llm_servers(urls: list[str], model: str, settings: Settings, stop: tuple[str, ...] = ()) -> None:
@@ -110,14 +41,17 @@ def check_llm_servers(urls: list[str], model: str, settings: Settings, stop: tup
     import httpx
 
     from tasks.llm import LLMError
-    from tasks.store import redact_url
+    from tasks.redact import redact_url
 
     for url in urls:
         shown = redact_url(url)
         parts = urlsplit(url)
-        if parts.username or parts.password:
+        if parts.username or parts.password or parts.query or parts.fragment:
             # The URLs become Prefect flow parameters, which are stored and shown in the UI.
-            fail(f"LLM URL {shown}: put the API key in SELFINSTRUCT_API_KEY, not in the URL")
+            fail(
+                f"LLM URL {shown}: put the API key in SELFINSTRUCT_API_KEY, not in the URL "
+                "(no user info, query string or fragment)"
+            )
         try:
             listing = httpx.get(f"{url}/models", timeout=10.0)
         except httpx.TransportError as error:
@@ -205,15 +139,15 @@ def run(
         settings,
         max((s.stop for s in sampling), key=len),
     )
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     prepare_prefect_env(local_data_dir(settings))
 
     from flows.bootstrap import bootstrap_round
     from schemas import RoundParams
     from selfinstruct.progress import terminal_progress
     from tasks.progress import ProgressUpdate, report
+    from tasks.redact import redact_url
     from tasks.steps import llm_endpoints
-    from tasks.store import redact_url
 
     summaries = []
     with llm_endpoints(list(llm_url or []), settings) as urls, terminal_progress(console):
@@ -273,7 +207,7 @@ def print_summary(store_obj: Any, summaries: list[dict[str, Any]]) -> None:
 def status(store: Annotated[str | None, typer.Option(help="Store root URL.")] = None) -> None:
     """List the committed rounds of a store."""
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     rounds = store_obj.committed_rounds()
     table = Table(title=f"Committed rounds in {store_obj.location(1).rsplit('/rounds/', 1)[0]}")
     for column in ("round", "committed at", "model", "kept", "classification", "instances", "rejected"):
@@ -310,7 +244,7 @@ def verify(
     from tasks.verify import clean_dangling, verify_store
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     try:
         seed_tasks, _ = load_seeds(seeds)
     except SeedFileError as error:
@@ -331,12 +265,11 @@ def verify(
         raise typer.Exit(1)
 
 
+cli_ops.register(app)
+cli_train.register(app)
+app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
+
+
 def main() -> None:
     """Console-script entry point."""
-    from selfinstruct import cli_ops, cli_train
-    from selfinstruct.cli_llm import llm_app
-
-    cli_ops.register(app)
-    cli_train.register(app)
-    app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
     app()

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from selfinstruct.console import console, fail
 from tasks.llm_server import (
     SMOLLM2,
     VLLM_LORA_RANKS,
@@ -28,8 +27,6 @@ from tasks.llm_server import (
 )
 
 llm_app = typer.Typer(help="LLM servers for generation.", no_args_is_help=True, add_completion=False)
-console = Console()
-errors = Console(stderr=True)
 
 
 class Engine(StrEnum):
@@ -42,11 +39,6 @@ class Engine(StrEnum):
 @llm_app.callback()
 def _group() -> None:
     """LLM servers for generation."""
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    return typer.Exit(code)
 
 
 def _check_flags(engine: Engine, given: dict[str, object]) -> None:
@@ -69,7 +61,7 @@ def _check_flags(engine: Engine, given: dict[str, object]) -> None:
     other = Engine.llamacpp if engine is Engine.vllm else Engine.vllm
     wrong = [flag for flag in only[other] if given.get(flag) not in (None, False)]
     if wrong:
-        raise _fail(f"{', '.join(wrong)}: only for --engine {other.value}, not {engine.value}")
+        fail(f"{', '.join(wrong)}: only for --engine {other.value}, not {engine.value}")
 
 
 def _wait_for_signal(process: subprocess.Popen[bytes] | None) -> bool:
@@ -163,9 +155,9 @@ def serve(
     )
     if engine is Engine.vllm:
         if max_lora_rank is not None and max_lora_rank not in VLLM_LORA_RANKS:
-            raise _fail(f"--max-lora-rank {max_lora_rank}: vLLM accepts one of {VLLM_LORA_RANKS}")
+            fail(f"--max-lora-rank {max_lora_rank}: vLLM accepts one of {VLLM_LORA_RANKS}")
         if (max_lora_rank is not None or max_loras is not None) and not enable_lora:
-            raise _fail("--max-lora-rank and --max-loras need --enable-lora")
+            fail("--max-lora-rank and --max-loras need --enable-lora")
         spec = VLLMServe(
             model,
             served_model_name=served_model_name,
@@ -183,9 +175,7 @@ def serve(
             _print_vllm(spec, host, port or free_port(host))
             return
     if port and port_in_use(port, host):
-        raise _fail(
-            f"port {port} on {host} is already in use: pick another with --port (0 for any free port)"
-        )
+        fail(f"port {port} on {host} is already in use: pick another with --port (0 for any free port)")
     if engine is Engine.vllm:
         _serve_vllm(spec, host, port, timeout)
     else:
@@ -207,13 +197,13 @@ def _serve_llamacpp(
         try:
             url = server.start(timeout_s=timeout)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise _fail(str(exc), code=1) from None
+            fail(str(exc), code=1)
     try:
         console.print(f"[green]llama.cpp server ready[/] model={model} slots={parallel}")
         console.print(url, highlight=False, soft_wrap=True)
         console.print("Ctrl-C or SIGTERM stops it.", style="dim")
         if not _wait_for_signal(server.process):
-            raise _fail(f"the server exited on its own; log: {server.log_path}", code=1)
+            fail(f"the server exited on its own; log: {server.log_path}", code=1)
     finally:
         server.stop()
     console.print("stopped")
@@ -239,7 +229,7 @@ def _print_vllm(spec: VLLMServe, host: str, port: int) -> None:
 
 def _serve_vllm(spec: VLLMServe, host: str, port: int, timeout: float) -> None:
     if not vllm_available():
-        raise _fail("vLLM is not installed here: pip install 'selfinstruct[vllm]' (on a GPU box)")
+        fail("vLLM is not installed here: pip install 'selfinstruct[vllm]' (on a GPU box)")
     port = port or free_port(host)
     _print_vllm(spec, host, port)
     process = subprocess.Popen(spec.command(port, host), env={**os.environ, **spec.environment()})
@@ -249,11 +239,11 @@ def _serve_vllm(spec: VLLMServe, host: str, port: int, timeout: float) -> None:
             with console.status(f"waiting for vLLM to load {spec.model_id()}..."):
                 wait_until_ready(url, timeout, process)
         except (TimeoutError, RuntimeError) as exc:
-            raise _fail(str(exc), code=1) from None
+            fail(str(exc), code=1)
         console.print(f"[green]vLLM ready[/] model={spec.model_id()} served as {spec.served_name()}")
         console.print(url, highlight=False, soft_wrap=True)
         if not _wait_for_signal(process):
-            raise _fail(f"vLLM exited on its own with code {process.returncode}", code=1)
+            fail(f"vLLM exited on its own with code {process.returncode}", code=1)
     finally:
         stop_process(process, timeout_s=30)
     console.print("stopped")

@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from schemas.training import ExportFormat
-from selfinstruct.cli import console, fail, load_settings, local_data_dir, open_store, prepare_prefect_env
+from selfinstruct.console import console, fail
+from selfinstruct.inputs import load_settings, local_data_dir, open_store_or_fail, prepare_prefect_env
 
 StoreOption = Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")]
 RoundsOption = Annotated[
@@ -32,7 +33,7 @@ class Format(StrEnum):
 
 def _where(store_obj: Any) -> str:
     """A store's root for messages, credentials removed."""
-    from tasks.store import redact_url
+    from tasks.redact import redact_url
 
     return redact_url(store_obj.url)
 
@@ -45,7 +46,6 @@ def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
         return select_rounds(spec, store_obj.committed_rounds())
     except ExportError as error:
         fail(f"{error} (store {_where(store_obj)})")
-        raise
 
 
 def export(
@@ -119,7 +119,7 @@ def export(
             check_export_path(target, _row_format(chosen_format))
     except ExportError as error:
         fail(str(error))
-    store_obj = open_store(load_settings(store))
+    store_obj = open_store_or_fail(load_settings(store))
     if chosen_format is Format.hf:
         _export_folder(
             store_obj,
@@ -288,7 +288,7 @@ def finetune(
     from schemas.training import FinetuneParams
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     chosen = _rounds_or_fail(store_obj, rounds)
     try:
         params = FinetuneParams(
@@ -321,7 +321,6 @@ def finetune(
             summary = finetune_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"fine-tune failed: {error}", code=1)
-        raise
     table = Table(title=f"Fine-tune {summary['finetune_id']}" + (" (dry run)" if dry_run else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -362,7 +361,7 @@ def evaluate(
     from tasks.finetune import FinetuneError, latest_finetune, read_finetune_manifest
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     try:
         if finetune_id is None:
             finetune_id = latest_finetune(store_obj)
@@ -391,7 +390,6 @@ def evaluate(
             summary = evaluate_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"evaluation failed: {error}", code=1)
-        raise
     table = Table(title=f"Held-out evaluation of {finetune_id}")
     for column in ("model", "ROUGE-L F", "empty", "degenerate", "tasks"):
         table.add_column(column, justify="left" if column == "model" else "right")

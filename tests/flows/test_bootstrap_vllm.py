@@ -13,8 +13,8 @@ from tasks.pool import load_pool
 from tasks.seeds import load_seeds
 from tasks.steps import generation_model, plan_instruction_prompts
 from tasks.store import Store
-from tests.reliability import ModelLikeFake
 from tests.support.fake_openai import VLLMMode, words
+from tests.support.model_like import ModelLikeFake
 
 pytestmark = pytest.mark.slow
 

@@ -30,15 +30,10 @@ from schemas import BootstrapConfig, RoundParams, Settings
 from selfinstruct.cli import app
 from tasks.llm import LLMError
 from tasks.store import Store
-from tests.reliability import (
-    ModelLikeFake,
-    MotoProcess,
-    assert_store_sound,
-    cli_env,
-    moto_process,
-    run_cli,
-)
+from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import MotoProcess, cli_env, moto_process, run_cli
 
 pytestmark = pytest.mark.slow
 

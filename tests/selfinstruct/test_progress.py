@@ -14,7 +14,8 @@ from rich.console import Console
 from selfinstruct.progress import TerminalProgress, terminal_progress
 from tasks.progress import ProgressUpdate, generation_hook, report, showing
 from tasks.store import Store
-from tests.reliability import ROOT, ModelLikeFake, cli_command, cli_env
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import ROOT, cli_command, cli_env
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 

@@ -24,7 +24,7 @@ from tasks.dataset import (
 )
 from tasks.export import ExportError, load_templates
 from tasks.seeds import DEFAULT_SEEDS
-from tests.tasks.test_export import two_round_store, write_seed_file
+from tests.support.factories import two_round_store, write_seed_file
 
 
 def _load(folder: Path, cache: Path) -> "object":

@@ -1,6 +1,5 @@
 """Held-out evaluation: prompts, answer quality, ROUGE-L, and a real base-vs-adapter run on CPU."""
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,30 +28,7 @@ from tasks.finetune import (
 )
 from tasks.progress import ProgressUpdate, showing
 from tasks.store import Store
-from tests.tasks.test_export import two_round_store
-
-HELDOUT = [
-    ("Is the number positive or negative?", "-12", "negative", True),
-    ("Give the past tense of the verb.", "swim", "swam", False),
-    ("Name the largest planet in the solar system.", "", "Jupiter", False),
-    ("Convert the word to uppercase.", "quiet", "QUIET", False),
-]
-
-
-def write_heldout(path: Path) -> Path:
-    """A held-out file in the seed schema, one instance per task."""
-    lines = [
-        {
-            "id": f"heldout_task_{i}",
-            "name": f"task_{i}",
-            "instruction": instruction,
-            "instances": [{"input": input_text, "output": output}],
-            "is_classification": is_classification,
-        }
-        for i, (instruction, input_text, output, is_classification) in enumerate(HELDOUT)
-    ]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+from tests.support.factories import two_round_store, write_heldout
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -13,10 +12,8 @@ from tasks.dataset import DatasetSpec, build_dataset_folder
 from tasks.events import trained_rounds
 from tasks.export import ExportError, load_templates
 from tasks.finetune import (
-    EMBEDDED_GGUF,
     FinetuneError,
     dataset_spec,
-    embedded_gguf_path,
     latest_finetune,
     load_base_model,
     load_training_splits,
@@ -28,31 +25,19 @@ from tasks.finetune import (
     upload_training_data,
     write_manifest,
 )
+from tasks.llm_server import embedded_model_path
 from tasks.progress import ProgressUpdate, showing
 from tasks.store import Store
+from tests.support.factories import TRAIN_KNOBS, two_round_store
 from tests.support.fake_openai import FakeOpenAI, VLLMMode
-from tests.tasks.test_export import two_round_store
-
-# Small enough for ~1 minute on 2 shared cores, large enough that the loss falls clearly.
-TRAIN_KNOBS: dict[str, Any] = {
-    "max_steps": 12,
-    "lr": 2e-3,
-    "batch_size": 4,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "max_length": 96,
-    "validation_fraction": 0.2,
-    "seed": 0,
-    "torch_threads": 1,  # 2 threads on 2 cores shared with other processes ran 4x slower than 1
-}
 
 
 def test_base_model_specs(tmp_path: Path) -> None:
     embedded = resolve_base_model(None)
     assert embedded == resolve_base_model("embedded")
-    assert embedded.gguf_file == EMBEDDED_GGUF and Path(embedded.location) == embedded_gguf_path().parent
-    assert resolve_base_model(str(embedded_gguf_path())) == embedded
+    shipped = embedded_model_path()  # the same file the embedded llama.cpp server loads
+    assert embedded.gguf_file == shipped.name and Path(embedded.location) == shipped.parent
+    assert resolve_base_model(str(shipped)) == embedded
     single = tmp_path / "one-gguf"
     single.mkdir()
     (single / "model.Q8_0.gguf").write_bytes(b"")

@@ -23,7 +23,6 @@ from tasks.llm import (
     generate,
     generate_chunk,
     generate_in_tasks,
-    redact_url,
 )
 from tests.support.fake_openai import FakeOpenAI, FaultConfig, fake_completion
 
@@ -96,10 +95,6 @@ def test_completion_key_is_sha256_hex_and_depends_on_every_input() -> None:
 @given(st.text(), st.text())
 def test_completion_key_separates_prompts(a: str, b: str) -> None:
     assert (completion_key("m", a, PARAMS, 0) == completion_key("m", b, PARAMS, 0)) == (a == b)
-
-
-def test_redact_url_removes_credentials() -> None:
-    assert redact_url("https://user:pw@llm.example:8443/v1/?key=s3cret") == "https://llm.example:8443/v1"
 
 
 # -- the real embedded server ---------------------------------------------------------------------------
