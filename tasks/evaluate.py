@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,15 +25,16 @@ from schemas import SeedTask
 from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, TaskAnswers
 from tasks.export import template_by_name
 from tasks.finetune import (
-    FINETUNES,
     FinetuneError,
     latest_finetune,
     load_base_model,
-    open_store,
     read_finetune_manifest,
     set_torch_threads,
 )
-from tasks.store import Store, redact_url
+from tasks.progress import ProgressUpdate, report
+from tasks.redact import redact_url
+from tasks.secrets import run_settings
+from tasks.store import FINETUNES, Store, open_store
 
 DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "seeds" / "heldout_tasks.jsonl"
 EVALUATIONS = "evaluations"
@@ -159,9 +160,16 @@ def evaluation_id(finetune_id: str, key: str) -> str:
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to `prompts`, batched with left padding (prompts of similar length batched together).
+
+    `on_progress(answered, total)` is called after each batch, when given.
 
     Returns:
         The decoded new tokens of each prompt, stripped, in the order of `prompts`.
@@ -189,6 +197,8 @@ def generate_answers(
                 chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
             ):
                 answers[i] = text.strip()
+            if on_progress is not None:
+                on_progress(len(answers), len(prompts))
     return [answers[i] for i in range(len(prompts))]
 
 
@@ -201,6 +211,15 @@ def load_finetuned(base_model: str | None, adapter_dir: Path) -> tuple[Any, Any]
 
 
 # -- the evaluation -------------------------------------------------------------------------------------
+
+
+def _answered_progress(key: str) -> Callable[[int, int], None]:
+    """Terminal progress of one model's answers (tasks answered of all), for `generate_answers`."""
+
+    def hook(done: int, total: int) -> None:
+        report(ProgressUpdate(key, done=done, total=total, unit="tasks"))
+
+    return hook
 
 
 def evaluate_finetune(
@@ -239,7 +258,12 @@ def evaluate_finetune(
             )
             prompts = build_prompts(tasks, params.prompt_format, params.template, tokenizer)
             answers[name] = generate_answers(
-                model, tokenizer, [p.prompt for p in prompts], params.max_new_tokens, params.batch_size
+                model,
+                tokenizer,
+                [p.prompt for p in prompts],
+                params.max_new_tokens,
+                params.batch_size,
+                _answered_progress(f"evaluate {name}"),
             )
             del model  # one copy of the weights at a time
             if log is not None:
@@ -308,7 +332,7 @@ def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | in
 @task(name="resolve-finetune", cache_policy=NO_CACHE)
 def resolve_finetune_task(params: EvaluateParams) -> str:
     """The fine-tune to evaluate: the one asked for, else the newest trained one."""
-    store = open_store(params.store_url)
+    store = open_store(params.store_url, run_settings())
     if params.finetune_id is not None:
         read_finetune_manifest(store, params.finetune_id)  # fails clearly when unknown
         return params.finetune_id
@@ -322,7 +346,9 @@ def resolve_finetune_task(params: EvaluateParams) -> str:
 def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
     """Run the held-out evaluation of one fine-tune and store its result."""
     logger = get_run_logger()
-    result = evaluate_finetune(open_store(params.store_url), finetune_id, params, log=logger.info)
+    result = evaluate_finetune(
+        open_store(params.store_url, run_settings()), finetune_id, params, log=logger.info
+    )
     logger.info(
         "%s: ROUGE-L F base %.4f -> fine-tuned %.4f on %d tasks",
         finetune_id,
@@ -338,7 +364,7 @@ def publish_evaluation_task(store_url: str | None, result: EvaluationResult) -> 
     """Table artifact comparing base and fine-tuned; returns the result's store location."""
     from prefect.artifacts import create_table_artifact
 
-    store = open_store(store_url)
+    store = open_store(store_url, run_settings())
     location = store.location_of(f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}")
     create_table_artifact(
         table=comparison_rows(result),

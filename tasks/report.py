@@ -18,7 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from schemas import RoundManifest
-from tasks.store import Store, redact_url
+from tasks.redact import redact_url
+from tasks.store import Store
 
 REPORT_KEY = "selfinstruct-round-report"
 REPORT_FILE = "report.html"

@@ -20,11 +20,11 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from schemas import BootstrapConfig
+from selfinstruct.cli import app
 from tasks.seeds import DEFAULT_SEEDS, SeedFileError, parse_seed_lines
-from tests.reliability import ModelLikeFake, full_app
+from tests.support.model_like import ModelLikeFake
 
 runner = CliRunner()
-app = full_app()
 FUZZ = settings(
     max_examples=25,
     deadline=None,

@@ -16,8 +16,8 @@ import pytest
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams
 from tasks.store import Store
-from tests.reliability import ModelLikeFake
 from tests.support.fake_openai import Fault
+from tests.support.model_like import ModelLikeFake
 
 pytestmark = pytest.mark.slow
 

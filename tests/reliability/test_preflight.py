@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from selfinstruct.cli import app
 from tasks.seeds import DEFAULT_SEEDS, MAX_SEED_FILE_BYTES
 from tasks.store import Store
-from tests.reliability import ModelLikeFake, full_app
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.model_like import ModelLikeFake
 from tests.support.rounds import commit_round
 
 runner = CliRunner()
-app = full_app()
 HTML = "<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body>" + "<p>filler</p>" * 400
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.reliability import ROOT, ModelLikeFake, free_port
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import ROOT, free_port
 
 RECORD_PREFECT_SETTINGS = r"""
 import json, os, sys

@@ -13,7 +13,9 @@ import pytest
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
 from tasks.store import Store, StoreError
-from tests.reliability import ModelLikeFake, MotoProcess, assert_store_sound, moto_process
+from tests.support.checks import assert_store_sound
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import MotoProcess, moto_process
 
 pytestmark = pytest.mark.slow
 

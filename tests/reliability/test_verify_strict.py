@@ -14,14 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from selfinstruct.cli import app
 from tasks.store import Store
 from tasks.verify import verify_store
-from tests.reliability import full_app
 from tests.support.rounds import SEEDS, commit_round
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 runner = CliRunner()
-app = full_app()
 
 TEXTS = [
     ["List three uses for a paperclip.", "Explain why the sky looks blue at noon."],
@@ -193,7 +192,8 @@ def test_export_to_a_folder_is_one_line(tmp_path: Path) -> None:
     root = tmp_path / "store"
     _store_with_rounds(root, 1)
     result = runner.invoke(app, ["export", str(tmp_path), "--store", str(root)])
-    assert result.exit_code == 2 and result.output.startswith("error: ") and "is a folder" in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
 
 
 def test_commands_refuse_a_store_that_does_not_exist(tmp_path: Path) -> None:

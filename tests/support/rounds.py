@@ -15,7 +15,7 @@ from schemas import (
     SeedInstance,
     SeedTask,
 )
-from tasks.pool import load_pool
+from tasks.pool import IndexDelta, load_pool
 from tasks.steps import RoundResult, write_round
 from tasks.store import Store
 
@@ -101,8 +101,6 @@ def commit_round(
         model="m",
         seeds_sha256="0" * 64,
         pool_size_before=size_before,
-        index_start=index_start,
-        vocab_start=vocab_start,
         prompts=1,
         candidates_parsed=len(texts) + len(rejected),
         instructions=instructions,
@@ -110,5 +108,5 @@ def commit_round(
         rejected=rejected,
         completions=[generation, *classify, *answers],
     )
-    write_round(store, pool, result, config)
+    write_round(store, result, IndexDelta.since(pool.index, index_start, vocab_start), config)
     return number
