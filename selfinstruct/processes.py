@@ -1,5 +1,6 @@
 """Child processes and signals of commands that start servers (the ephemeral Prefect API, an LLM)."""
 
+import logging
 import os
 import signal
 import threading
@@ -27,6 +28,9 @@ def _cancel(signum: int, _frame: object) -> None:
         soft_wrap=True,
         highlight=False,
     )
+    # The engine logs the interrupted task and flow runs with tracebacks (their states keep them): after the
+    # line above, the console gets nothing more.
+    logging.disable(logging.CRITICAL)
     timer = threading.Timer(CANCEL_GRACE_S, os._exit, args=(128 + signum,))
     timer.daemon = True
     timer.start()
