@@ -288,10 +288,11 @@ def verify(
 
 def main() -> None:
     """Console-script entry point."""
-    from selfinstruct import cli_ops, cli_train
+    from selfinstruct import cli_audit, cli_ops, cli_train
     from selfinstruct.cli_llm import llm_app
 
     cli_ops.register(app)
     cli_train.register(app)
+    cli_audit.register(app)
     app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
     app()

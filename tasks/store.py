@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from schemas import CompletionRecord, FileEntry, RoundManifest, Settings
 
 MANIFEST = "manifest.json"
-ARTIFACT_AREAS = ("finetunes", "evaluations", "reports", "state")
+ARTIFACT_AREAS = ("audits", "finetunes", "evaluations", "reports", "state")
 MAX_ROUND = 99_999
 
 SIMILAR = pa.struct([("id", pa.string()), ("instruction", pa.string()), ("score", pa.float64())])

@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -106,6 +107,7 @@ class FakeOpenAI:
         shuffle_choices: bool = False,
         per_choice_usage: bool = False,
         rng_seed: int = 0,
+        responder: Callable[[str], str] | None = None,
     ) -> None:
         """Configure the server (nothing is bound until `start`).
 
@@ -117,6 +119,8 @@ class FakeOpenAI:
             shuffle_choices: Return choices in random order (clients must match them by `index`).
             per_choice_usage: Also put `usage.completion_tokens` in each choice.
             rng_seed: Seed of the fault and shuffle draws.
+            responder: Completion text for a prompt, instead of the echo (e.g. a scripted judge); stop
+                sequences still cut it.
         """
         self.latency_s = latency_s
         self.faults = faults or FaultConfig()
@@ -125,6 +129,7 @@ class FakeOpenAI:
         self.shuffle_choices = shuffle_choices
         self.per_choice_usage = per_choice_usage
         self._rng = random.Random(rng_seed)
+        self.responder = responder
         self.requests = 0
         self.prompts = 0
         self.faults_injected: Counter[str] = Counter()
@@ -270,6 +275,11 @@ class FakeOpenAI:
                 text, finish, count = fake_completion(
                     prompt, None if seed is None else seed + j, max_tokens, stop
                 )
+                if self.responder is not None:
+                    text = self.responder(prompt)
+                    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+                    text = text[:cut] if cut >= 0 else text
+                    finish, count = "stop", len(words(text))
                 if fault == "empty":
                     text, finish, count = "", "stop", 0
                 elif fault == "length":
