@@ -330,7 +330,9 @@ def audit_task(params: AuditParams) -> AuditManifest:
 
     logger = get_run_logger()
     settings = Settings()
-    store = Store(params.store_url or settings.store_url, settings)
+    # An embedded judge keeps its files under the store, as the bootstrap's embedded server does.
+    settings = settings.model_copy(update={"store_url": params.store_url or settings.store_url})
+    store = Store(settings.store_url, settings)
     with llm_endpoints(params.judge_urls, settings) as urls:
         manifest = run_audit(store, params, settings, urls)
     logger.info(
