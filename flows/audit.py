@@ -4,6 +4,7 @@ from prefect import flow
 
 from schemas import Settings
 from schemas.audit import AuditParams
+from tasks.artifacts import name_flow_run
 from tasks.audit import audit_task, publish_audit_task
 from tasks.report import publish_report
 from tasks.store import Store
@@ -24,9 +25,11 @@ def audit(params: AuditParams | None = None) -> dict[str, object]:
     """
     params = params or AuditParams()
     manifest = audit_task(params)
+    name_flow_run(f"audit-round-{manifest.round:05d}")
     location = publish_audit_task(params.store_url, manifest)
     settings = Settings()
-    publish_report(Store(params.store_url or settings.store_url, settings), manifest.round)
+    store = Store(params.store_url or settings.store_url, settings)
+    publish_report(store, manifest.round, settings.report_url)
     return {
         "audit_id": manifest.audit_id,
         "round": manifest.round,

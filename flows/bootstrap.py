@@ -6,11 +6,12 @@ from contextlib import nullcontext
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from schemas import CompletionRecord, RoundParams, SamplingParams, Settings
-from tasks.artifacts import ProgressArtifact, publish_round
+from schemas import CompletionRecord, RoundParams, SamplingParams
+from tasks.artifacts import ProgressArtifact, name_flow_run, publish_round
 from tasks.events import emit_data_ready_if_due, round_slot
 from tasks.llm import CompletionRequest, generate_in_tasks
 from tasks.report import publish_report
+from tasks.secrets import run_settings
 from tasks.steps import (
     RoundResult,
     apply_classification,
@@ -33,21 +34,23 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
     """Generate, filter, deduplicate, classify and instantiate new instructions; commit them as one round.
 
     Args:
-        params: Store, seeds, LLM servers and the round's knobs. Credentials come from Settings.
+        params: Store, seeds, LLM servers and the round's knobs. Credentials come from Settings (the
+            environment) or Prefect Secret blocks, never from parameters.
 
     Returns:
         The round number, its counts and where its files are.
     """
     params = params or RoundParams()
-    settings = Settings()
+    settings = run_settings()
     config = params.config
     logger = get_run_logger()
     run_id = str(flow_run.id or uuid.uuid4())
     store_url = params.store_url or settings.store_url
     # One round at a time per store: a Prefect global concurrency limit, with the store's exclusive
     # round claim as the last line of defense.
-    with round_slot(store_url) if params.store_slot else nullcontext():
+    with round_slot(store_url, params.store_slot_timeout_s) if params.store_slot else nullcontext():
         ctx = open_round(store_url, params.seeds_path, config, settings, run_id)
+        name_flow_run(f"round-{ctx.number:05d}")
         logger.info(
             "round %d of %s: pool of %d instructions", ctx.number, redact_url(ctx.store.url), ctx.pool.size
         )
@@ -67,6 +70,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                     cache,
                     on_progress=progress.callback(stage),
                     model=ctx.model,
+                    stage=stage,
                 )
 
             plans = plan_instruction_prompts_task(ctx.pool, config, ctx.number)
@@ -109,7 +113,7 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
         publish_round(ctx.store, manifest, instructions, instances)
         # The event goes out before the report, so a plotting error cannot hold back a fine-tune.
         emit_data_ready_if_due(ctx.store, params.data_ready_threshold)
-        publish_report(ctx.store, manifest.round)
+        publish_report(ctx.store, manifest.round, settings.report_url)
         logger.info("round %d committed: %s", manifest.round, manifest.counts)
         return {
             "round": manifest.round,

@@ -3,6 +3,7 @@
 from prefect import flow
 
 from schemas.training import EvaluateParams
+from tasks.artifacts import name_flow_run
 from tasks.evaluate import evaluate_task, publish_evaluation_task, resolve_finetune_task
 
 
@@ -20,6 +21,7 @@ def evaluate(params: EvaluateParams | None = None) -> dict[str, object]:
     """
     params = params or EvaluateParams()
     finetune_id = resolve_finetune_task(params)
+    name_flow_run(f"evaluate-{finetune_id}")
     result = evaluate_task(params, finetune_id)
     location = publish_evaluation_task(params.store_url, result)
     return {

@@ -3,6 +3,7 @@
 from prefect import flow, get_run_logger
 
 from schemas.training import FinetuneParams
+from tasks.artifacts import name_flow_run
 from tasks.finetune import (
     new_finetune_id,
     prepare_data_task,
@@ -28,6 +29,7 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
     """
     params = params or FinetuneParams()
     finetune_id = new_finetune_id()
+    name_flow_run(f"finetune-{finetune_id}")
     data = prepare_data_task(params, finetune_id)
     trained = None if params.dry_run else train_task(params, finetune_id)
     manifest = write_manifest_task(params, data, trained)

@@ -118,6 +118,11 @@ class RoundParams(BaseModel):
         default=True,
         description="Hold the store's Prefect global concurrency slot so rounds on one store queue up.",
     )
+    store_slot_timeout_s: float = Field(
+        default=3 * 3600,
+        gt=0,
+        description="Give up (fail the run) after waiting this long for the store's slot.",
+    )
     data_ready_threshold: int = Field(
         default=0,
         ge=0,

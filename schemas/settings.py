@@ -24,6 +24,22 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one HTTP request.")
     llm_max_retries: int = Field(default=5, ge=0, le=50, description="Retries on 429/5xx/timeouts.")
     dask_address: str | None = Field(default=None, description="Dask scheduler for sharded ROUGE-L scoring.")
+    api_key_block: str | None = Field(
+        default="selfinstruct-api-key",
+        description="Prefect Secret block read in flow runs when SELFINSTRUCT_API_KEY is unset.",
+    )
+    s3_access_key_id_block: str | None = Field(
+        default="selfinstruct-s3-access-key-id",
+        description="Prefect Secret block read in flow runs when SELFINSTRUCT_S3_ACCESS_KEY_ID is unset.",
+    )
+    s3_secret_access_key_block: str | None = Field(
+        default="selfinstruct-s3-secret-access-key",
+        description="Prefect Secret block read in flow runs when SELFINSTRUCT_S3_SECRET_ACCESS_KEY is unset.",
+    )
+    report_url: str | None = Field(
+        default=None,
+        description="Base URL of a server that serves the store's reports over HTTP (`stack up` sets it).",
+    )
 
     def llm_urls(self) -> list[str]:
         """The configured base URLs, or an empty list when the embedded server should be used."""

@@ -62,10 +62,37 @@ def samples_markdown(
     return "\n".join(lines)
 
 
+def store_root_url(store: Store) -> str:
+    """The store's root as an absolute, credential-free URL that a worker elsewhere can open.
+
+    A relative local root ("./data") would mean something else in a flow run started by a worker in
+    another working directory, so local stores are announced by their absolute path.
+    """
+    return redact_url(store.location_of("state").removesuffix("/state"))
+
+
 def store_resource_id(store: Store) -> str:
-    """A stable, credential-free id for a store, usable in Prefect resource ids."""
-    digest = hashlib.sha256(redact_url(store.url).encode()).hexdigest()[:12]
+    """A stable, credential-free id for a store, usable in Prefect resource ids.
+
+    Derived from the absolute root, so "./data", "data/" and "/abs/path/data" are one resource.
+    """
+    digest = hashlib.sha256(store_root_url(store).encode()).hexdigest()[:12]
     return f"selfinstruct.store.{digest}"
+
+
+def name_flow_run(name: str) -> None:
+    """Rename the current flow run (e.g. `round-00042`) once its subject is known; no-op outside a run.
+
+    Prefect names runs randomly when they are created, before a round has claimed its number or a
+    fine-tune has its id, so the flow renames itself as soon as it knows what it is working on.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if flow_run.id is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=name)
 
 
 @task(name="publish-round")
@@ -91,10 +118,10 @@ def publish_round(
         resource={
             "prefect.resource.id": f"{store_resource_id(store)}.round.{manifest.round}",
             "prefect.resource.name": f"round {manifest.round}",
-            "selfinstruct.store": redact_url(store.url),
+            "selfinstruct.store": store_root_url(store),
             "selfinstruct.round": str(manifest.round),
         },
-        payload={"round": manifest.round, "counts": manifest.counts, "store": redact_url(store.url)},
+        payload={"round": manifest.round, "counts": manifest.counts, "store": store_root_url(store)},
     )
 
 

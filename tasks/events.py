@@ -9,6 +9,8 @@ announce itself exactly once until a fine-tune consumes the data (writes a manif
 import contextlib
 import hashlib
 import json
+import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,8 +21,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.artifacts import store_resource_id
-from tasks.store import Store, StoreError, redact_url
+from tasks.artifacts import store_resource_id, store_root_url
+from tasks.store import Store, StoreError
 
 DATA_READY = "selfinstruct.data.ready"
 STATE_FILE = "state/data_ready.json"
@@ -46,15 +48,6 @@ class DataReady:
 # -- pure: reading what the store holds ------------------------------------------------------------
 
 
-def store_root_url(store: Store) -> str:
-    """The store's root as an absolute, credential-free URL that a worker elsewhere can open.
-
-    A relative local root ("./data") would mean something else in a flow run started by a worker in
-    another working directory, so local stores are announced by their absolute path.
-    """
-    return redact_url(store.location_of("state").removesuffix("/state"))
-
-
 def trained_rounds(manifest: dict[str, Any]) -> list[int]:
     """Rounds a fine-tune manifest says it trained on; none for a dry run or a malformed manifest."""
     if manifest.get("dry_run") is True:  # a dry run trained nothing, so it consumed nothing
@@ -65,14 +58,23 @@ def trained_rounds(manifest: dict[str, Any]) -> list[int]:
     return [r for r in rounds if isinstance(r, int) and not isinstance(r, bool) and r >= 1]
 
 
-def last_finetuned_round(store: Store) -> int:
-    """Newest round any finished fine-tune of the store trained on; 0 when none has.
+@dataclass(frozen=True)
+class FinetuneHistory:
+    """What the finished fine-tunes of a store say, as far as data.ready is concerned."""
 
-    Fine-tunes without a manifest (running or crashed) are ignored, like uncommitted rounds. The maximum
-    over all fine-tunes, not only the most recent one, so a rerun on old rounds does not re-announce data
-    that an earlier fine-tune already trained on.
+    last_round: int = 0  # newest round any real fine-tune trained on (0: none)
+    last_id: str | None = None  # the fine-tune that trained on it
+    last_finished_at: str | None = None  # ISO time of the newest finished fine-tune, dry runs included
+
+
+def finetune_history(store: Store) -> FinetuneHistory:
+    """Read every finished fine-tune manifest of the store once.
+
+    Fine-tunes without a manifest (running or crashed) are ignored, like uncommitted rounds. `last_round` is
+    the maximum over all real fine-tunes, not only the most recent one, so a rerun on old rounds does not
+    re-announce data that an earlier fine-tune already trained on.
     """
-    newest = 0
+    last_round, last_id, finished = 0, None, None
     for finetune_id in store.list_names(FINETUNES):
         relative = f"{FINETUNES}/{finetune_id}/manifest.json"
         try:
@@ -81,9 +83,20 @@ def last_finetuned_round(store: Store) -> int:
             manifest = json.loads(store.get_bytes(relative))
         except (StoreError, ValueError, OSError):
             continue  # an id the store refuses or a half-written file: not a finished fine-tune
-        if isinstance(manifest, dict):
-            newest = max([newest, *trained_rounds(manifest)])
-    return newest
+        if not isinstance(manifest, dict):
+            continue
+        created = manifest.get("created_at")
+        if isinstance(created, str) and (finished is None or created > finished):
+            finished = created
+        newest = max(trained_rounds(manifest), default=0)
+        if newest > last_round:
+            last_round, last_id = newest, finetune_id
+    return FinetuneHistory(last_round, last_id, finished)
+
+
+def last_finetuned_round(store: Store) -> int:
+    """Newest round any finished, non-dry-run fine-tune of the store trained on; 0 when none has."""
+    return finetune_history(store).last_round
 
 
 def new_instances_since_last_finetune(store: Store) -> tuple[int, list[int]]:
@@ -94,7 +107,10 @@ def new_instances_since_last_finetune(store: Store) -> tuple[int, list[int]]:
     Returns:
         (number of new instances, ascending list of the committed rounds after the last fine-tuned one)
     """
-    after = last_finetuned_round(store)
+    return _new_since(store, last_finetuned_round(store))
+
+
+def _new_since(store: Store, after: int) -> tuple[int, list[int]]:
     rounds = [n for n in store.committed_rounds() if n > after]
     count = sum(store.read_manifest(n).counts.get("instances", 0) for n in rounds)
     return count, rounds
@@ -103,10 +119,36 @@ def new_instances_since_last_finetune(store: Store) -> tuple[int, list[int]]:
 # -- pure: the decision ----------------------------------------------------------------------------
 
 
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def answered(state: dict[str, Any] | None, last_finished_at: str | None) -> bool:
+    """True when a fine-tune (a dry run included) finished after the recorded announcement.
+
+    A dry run consumes no data, but it did answer the event: without this, a store whose only fine-tunes
+    are dry runs would never be announced again.
+    """
+    emitted = _parse_time((state or {}).get("emitted_at"))
+    finished = _parse_time(last_finished_at)
+    return emitted is not None and finished is not None and finished > emitted
+
+
 def should_emit(
-    new_instances: int, rounds: list[int], after_round: int, threshold: int, state: dict[str, Any] | None
+    new_instances: int,
+    rounds: list[int],
+    after_round: int,
+    threshold: int,
+    state: dict[str, Any] | None,
+    last_finished_at: str | None = None,
 ) -> bool:
-    """True when the threshold is crossed and this batch of data (since `after_round`) was not announced yet.
+    """True when the threshold is crossed and this batch of data was not announced yet (or was answered).
 
     Args:
         new_instances: Instances committed since the last fine-tune.
@@ -114,10 +156,13 @@ def should_emit(
         after_round: Newest round a fine-tune trained on (identifies the batch of data being accumulated).
         threshold: Instances needed; 0 turns the event off.
         state: The stored state of the last announcement, or None.
+        last_finished_at: When the newest fine-tune (dry runs included) finished, ISO 8601.
     """
     if threshold <= 0 or not rounds or new_instances < threshold:
         return False
-    return state is None or state.get("after_round") != after_round
+    if state is None or state.get("after_round") != after_round:
+        return True
+    return answered(state, last_finished_at)
 
 
 def event_id(resource_id: str, after_round: int, rounds: list[int]) -> uuid.UUID:
@@ -136,15 +181,38 @@ def read_state(store: Store) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
+@dataclass(frozen=True)
+class Decision:
+    """Whether to announce data now, and in words why (or why not), for the run's log."""
+
+    ready: DataReady | None
+    reason: str
+
+
+def decide_data_ready(store: Store, threshold: int) -> Decision:
+    """What to announce now, with the reason either way."""
+    if threshold <= 0:
+        return Decision(None, "data_ready_threshold is 0: data.ready is turned off")
+    history = finetune_history(store)
+    count, rounds = _new_since(store, history.last_round)
+    since = f"fine-tune {history.last_id} (round {history.last_round})" if history.last_id else "the start"
+    state = read_state(store)
+    if should_emit(count, rounds, history.last_round, threshold, state, history.last_finished_at):
+        ready = DataReady(store_root_url(store), rounds, count, history.last_round)
+        return Decision(ready, f"{count} of {threshold} new instances since {since}, in rounds {rounds}")
+    if count < threshold or not rounds:
+        return Decision(None, f"{count} of {threshold} new instances since {since}: below the threshold")
+    assert state is not None  # should_emit is true without a state once the threshold is crossed
+    return Decision(
+        None,
+        f"{count} of {threshold} new instances since {since}, but data.ready was already announced at "
+        f"{state.get('emitted_at')} (rounds {state.get('rounds')}) and no fine-tune has finished since",
+    )
+
+
 def data_ready_due(store: Store, threshold: int) -> DataReady | None:
     """What to announce now, or None when nothing is due."""
-    if threshold <= 0:
-        return None
-    after = last_finetuned_round(store)
-    count, rounds = new_instances_since_last_finetune(store)
-    if not should_emit(count, rounds, after, threshold, read_state(store)):
-        return None
-    return DataReady(store_url=store_root_url(store), rounds=rounds, new_instances=count, after_round=after)
+    return decide_data_ready(store, threshold).ready
 
 
 def record_emitted(store: Store, ready: DataReady, threshold: int, emitted_id: uuid.UUID) -> None:
@@ -181,8 +249,10 @@ def emit_data_ready_if_due(store: Store, threshold: int) -> bool:
     from prefect.events import emit_event
 
     logger = get_run_logger()
-    ready = data_ready_due(store, threshold)
+    decision = decide_data_ready(store, threshold)
+    ready = decision.ready
     if ready is None:
+        logger.info("%s not emitted: %s", DATA_READY, decision.reason)
         return False
     resource_id = store_resource_id(store)
     emitted_id = event_id(resource_id, ready.after_round, ready.rounds)
@@ -200,13 +270,7 @@ def emit_data_ready_if_due(store: Store, threshold: int) -> bool:
         logger.warning("could not emit %s: no Prefect events client", DATA_READY)
         return False
     record_emitted(store, ready, threshold, emitted_id)
-    logger.info(
-        "%s: %d new instances in rounds %s (threshold %d)",
-        DATA_READY,
-        ready.new_instances,
-        ready.rounds,
-        threshold,
-    )
+    logger.info("%s emitted: %s", DATA_READY, decision.reason)
     return True
 
 
@@ -237,23 +301,63 @@ def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
 
 
+def slot_holders(name: str) -> str:
+    """Who holds the global concurrency limit `name` right now, in words (for the waiting run's log)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(name)
+    state = "active" if limit.active else "INACTIVE (runs do not wait for it)"
+    return f"{limit.active_slots} of {limit.limit} slots taken, limit {state}"
+
+
 @contextmanager
-def round_slot(store: Store | str, timeout_seconds: float | None = None) -> Iterator[None]:
+def round_slot(store: Store | str, timeout_seconds: float | None = 3 * 3600) -> Iterator[None]:
     """Hold the store's one slot for the duration: a second run on the same store waits here.
 
     This keeps runs from failing on each other's round claims; the store's exclusive claim remains the
     last line of defense (e.g. against a run started outside Prefect). The slot is a leased global
-    concurrency limit, renewed while held and freed by the server if the holder dies.
+    concurrency limit, renewed while held and freed by the server if the holder dies (the local stack keeps
+    leases on disk, so a server restart does not lose them).
 
     Args:
         store: The store (or its URL) whose rounds are serialized.
-        timeout_seconds: Give up waiting after this long (TimeoutError); None waits indefinitely.
+        timeout_seconds: Give up waiting after this long (TimeoutError naming the limit); None waits forever.
     """
     from prefect.concurrency.sync import concurrency
 
+    logger = _logger()
     name = concurrency_limit_name(store)
     ensure_concurrency_limit(name)
-    # strict: if the limit vanished between creation and acquisition, fail rather than run unguarded.
-    # The shortest lease the server allows (60 s): a killed run's rerun waits about that long, not 5 min.
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True, lease_duration=60):
-        yield
+    logger.info(
+        "waiting for the store slot %s (%s); gives up after %s",
+        name,
+        slot_holders(name),
+        "never" if timeout_seconds is None else f"{timeout_seconds:.0f} s",
+    )
+    started = time.monotonic()
+    acquired = False
+    try:
+        # strict: if the limit vanished between creation and acquisition, fail rather than run unguarded.
+        # The shortest lease the server allows (60 s): a killed run's slot comes back about a minute later.
+        with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True, lease_duration=60):
+            acquired = True
+            logger.info("holding the store slot %s (waited %.0f s)", name, time.monotonic() - started)
+            yield
+    except TimeoutError:
+        if acquired:  # a timeout inside the round, not while waiting for the slot
+            raise
+        raise TimeoutError(
+            f"gave up after {timeout_seconds:.0f} s waiting for the store slot {name} "
+            f"({slot_holders(name)}): another round of this store is running, or a dead run's slot "
+            "has not been released yet"
+        ) from None
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)

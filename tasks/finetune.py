@@ -34,7 +34,6 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from schemas import Settings
 from schemas.training import ExportStats, FinetuneManifest, FinetuneMetrics, FinetuneParams, LossPoint
 from tasks.export import (
     ExportError,
@@ -45,6 +44,7 @@ from tasks.export import (
     split_by_instruction,
     to_rows,
 )
+from tasks.secrets import run_settings
 from tasks.store import Store, redact_url
 
 EMBEDDED = "embedded"
@@ -538,8 +538,8 @@ def local_adapter_copy(store: Store, finetune_id: str) -> Path:
 
 
 def open_store(store_url: str | None) -> Store:
-    """The store of a flow's parameters, with credentials from Settings."""
-    settings = Settings()
+    """The store of a flow's parameters, with credentials from Settings or Prefect Secret blocks."""
+    settings = run_settings()
     return Store(store_url or settings.store_url, settings)
 
 
@@ -597,7 +597,7 @@ def register_task(params: FinetuneParams, finetune_id: str) -> str:
     """Load the adapter into the configured vLLM server under the fine-tune's id; returns the path sent."""
     if params.vllm_url is None:
         raise FinetuneError("no vLLM URL configured")
-    settings = Settings()
+    settings = run_settings()
     path = params.vllm_adapter_path or str(local_adapter_copy(open_store(params.store_url), finetune_id))
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     register_with_vllm(params.vllm_url, finetune_id, path, api_key=api_key, timeout_s=settings.llm_timeout_s)
@@ -639,8 +639,7 @@ METRICS_KEY = "selfinstruct-finetune-metrics"
 
 def finetune_event(store: Store, manifest: FinetuneManifest) -> dict[str, Any]:
     """Keyword arguments of `emit_event` announcing a finished fine-tune."""
-    from tasks.artifacts import store_resource_id
-    from tasks.events import store_root_url
+    from tasks.artifacts import store_resource_id, store_root_url
 
     metrics = manifest.metrics
     return {

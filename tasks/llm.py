@@ -779,8 +779,9 @@ def generate_in_tasks(
     chunk_size: int | None = None,
     on_progress: ProgressCallback | None = None,
     model: str | None = None,
+    stage: str = "generate",
 ) -> list[CompletionRecord]:
-    """Complete requests from inside a Prefect flow, as one `generate-chunk` task run per chunk.
+    """Complete requests from inside a Prefect flow, as one task run per chunk, named `<stage>-chunk-NNN`.
 
     The chunks share one client (one event loop thread), so at most `settings.llm_concurrency` HTTP requests
     are in flight in total, and two chunk task runs overlap so that the servers stay busy across chunk
@@ -796,6 +797,7 @@ def generate_in_tasks(
             runs grows with the number of batches, not prompts.
         on_progress: Called as `(done, total)` over all requests, from the session's thread.
         model: Model name to use instead of `settings.model` (a round's `BootstrapConfig.model`).
+        stage: What the requests are for (instructions, classification, instances): names the task runs.
 
     Returns:
         One record per request, in request order.
@@ -824,7 +826,8 @@ def generate_in_tasks(
                         "session": session,
                         "on_progress": relay.for_chunk(next_chunk) if relay is not None else None,
                     }
-                    pending.append(runner.submit(generate_chunk, parameters=parameters))
+                    named = generate_chunk.with_options(task_run_name=f"{stage}-chunk-{next_chunk:03d}")
+                    pending.append(runner.submit(named, parameters=parameters))
                     next_chunk += 1
                 results.append(pending.popleft().result())
         except BaseException:

@@ -534,18 +534,39 @@ def write_report(store: Store, number: int | None = None) -> tuple[int, str]:
     return rendered, save_report(store, rendered, page)
 
 
-def report_link(location: str) -> str:
-    """A link for the UI: local paths become file:// URLs, object-store locations stay as they are."""
+# Presigned report links stay valid this long (7 days: the longest S3 SigV4 allows).
+PRESIGN_EXPIRES_S = 7 * 24 * 3600
+
+
+def report_link(store: Store, number: int, report_url: str | None = None) -> str:
+    """A link to a round's report that opens in a browser from the Prefect UI.
+
+    Args:
+        store: The round store.
+        number: A round with a report.
+        report_url: Base URL of a report server for this store (`stack up` starts one), if any.
+
+    Returns:
+        The report server's page when there is one; else a presigned HTTPS URL for an object store, or a
+        file:// URL for a local folder (which browsers open only from the same machine).
+    """
+    if report_url:
+        return f"{report_url.rstrip('/')}/rounds/round={number:05d}/{REPORT_FILE}"
+    signed = store.signed_url(number, REPORT_FILE, PRESIGN_EXPIRES_S)
+    if signed is not None:
+        return signed
+    location = f"{store.location(number)}/{REPORT_FILE}"
     return location if "://" in location else f"file://{location}"
 
 
 @task(name="publish-report", cache_policy=NO_CACHE)
-def publish_report(store: Store, round: int) -> str:
+def publish_report(store: Store, round: int, report_url: str | None = None) -> str:
     """Write the round's HTML report into the store and link it from a Prefect link artifact.
 
     Args:
         store: The round store.
         round: A committed round.
+        report_url: Base URL of a report server for this store, if one runs (Settings.report_url).
 
     Returns:
         The report's location in the store.
@@ -554,7 +575,7 @@ def publish_report(store: Store, round: int) -> str:
 
     number, location = write_report(store, round)
     create_link_artifact(
-        link=report_link(location),
+        link=report_link(store, number, report_url),
         link_text=f"round {number} report",
         key=REPORT_KEY,
         description=f"Round {number} of {redact_url(store.url)}: pool growth, similarity, lengths, verbs",

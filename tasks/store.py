@@ -366,6 +366,24 @@ class Store:
             handle.write(data)
         return path
 
+    def read_bytes(self, number: int, name: str) -> bytes | None:
+        """A non-Parquet file of a round's folder (an HTML report), or None when it does not exist."""
+        path = self._path(number, name)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as handle:
+            return bytes(handle.read())
+
+    def signed_url(self, number: int, name: str, expires_s: int) -> str | None:
+        """A presigned HTTPS URL of a round's file on an object store; None for a local folder.
+
+        The URL carries a signature and the access key id (not the secret key) and grants read access
+        to that one object until it expires.
+        """
+        if self.fs.protocol not in ("s3", ("s3", "s3a")):
+            return None
+        return str(self.fs.sign(self._path(number, name), expiration=expires_s))
+
     # -- other artifacts (fine-tunes, evaluations, reports) --------------------------------------
     def _artifact_path(self, relative: str) -> str:
         """Absolute path of `relative` under the root: plain names below one of ARTIFACT_AREAS only."""

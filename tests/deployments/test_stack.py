@@ -12,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,15 @@ import httpx
 import pytest
 import yaml
 
-from selfinstruct.cli_ops import (
-    ManagedProcess,
-    StackError,
+from deployments.processes import ManagedProcess, StackError, is_running, spawn, stop_process_tree
+from deployments.stack import (
     StackLayout,
+    StackOptions,
     StackState,
     check_not_running,
     check_ports,
-    dry_run_prefect_file,
-    is_running,
-    spawn,
-    stop_process_tree,
+    render_prefect_file,
+    zombie_automation,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,12 +86,32 @@ def test_trigger_parameters_fit_the_finetune_flow() -> None:
 
 
 def test_dry_run_copy_flips_only_the_trigger(tmp_path: Path) -> None:
-    copy = dry_run_prefect_file(PREFECT_FILE, tmp_path / "prefect.yaml")
+    copy = render_prefect_file(PREFECT_FILE, tmp_path / "prefect.yaml", StackOptions(dry_run_finetunes=True))
     original, changed = yaml.safe_load(PREFECT_FILE.read_text()), yaml.safe_load(copy.read_text())
     finetune = next(d for d in changed["deployments"] if d["name"] == "finetune")
     assert finetune["triggers"][0]["parameters"]["params"]["dry_run"] is True
     finetune["triggers"][0]["parameters"]["params"]["dry_run"] = False
     assert changed == original
+    assert render_prefect_file(PREFECT_FILE, tmp_path / "unused.yaml", StackOptions()) == PREFECT_FILE
+
+
+def test_try_out_options_change_only_the_bootstrap_deployment(tmp_path: Path) -> None:
+    options = StackOptions(every_s=120, round_config={"prompts_per_round": 2}, data_ready_threshold=7)
+    copy = render_prefect_file(PREFECT_FILE, tmp_path / "prefect.yaml", options)
+    original, changed = yaml.safe_load(PREFECT_FILE.read_text()), yaml.safe_load(copy.read_text())
+    nightly = next(d for d in changed["deployments"] if d["name"] == "bootstrap-nightly")
+    assert nightly["schedules"] == [{"interval": 120, "active": True}]
+    assert nightly["parameters"]["params"]["config"]["prompts_per_round"] == 2
+    assert nightly["parameters"]["params"]["data_ready_threshold"] == 7
+    assert changed["deployments"][1:] == original["deployments"][1:]
+
+
+def test_zombie_automation_is_the_documented_one() -> None:
+    from prefect.events.schemas.automations import AutomationCore
+
+    automation = AutomationCore.model_validate(zombie_automation())
+    assert automation.trigger.posture == "Proactive"  # type: ignore[union-attr]
+    assert automation.actions[0].type == "change-flow-run-state"
 
 
 # -- process handling --------------------------------------------------------------------------------
@@ -180,12 +199,32 @@ def test_port_in_use_is_refused() -> None:
 
 # -- the stack, for real -----------------------------------------------------------------------------
 
+# Rounds small enough for 2 shared CPU cores: two prompts, short completions.
+SMALL_ROUND = {
+    "prompts_per_round": 2,
+    "instruction_sampling": {
+        "temperature": 0.7,
+        "top_p": 0.5,
+        "max_tokens": 128,
+        "presence_penalty": 2.0,
+        "stop": ["\n\n", "\n16", "16.", "16 ."],
+    },
+    "instance_sampling": {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "max_tokens": 128,
+        "presence_penalty": 1.5,
+        "stop": ["Example 4", "Task:"],
+    },
+    "max_instances": 3,
+}
 
-def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+
+def _cli(*args: str, timeout: float = 900, module: str = "selfinstruct") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SELFINSTRUCT_"))}
     env |= {"PREFECT_WORKER_QUERY_SECONDS": "2", "COLUMNS": "200"}  # pick up new runs quickly
     return subprocess.run(
-        [sys.executable, "-m", "selfinstruct.cli_ops", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -200,128 +239,171 @@ def _free_port() -> int:
     return free_port()
 
 
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 2.0) -> Any:
+    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(every_s)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+
+
+@dataclass
+class Stack:
+    """The module's stack: its recorded state, the `stack up` arguments and its store."""
+
+    state: StackState
+    up_args: tuple[str, ...]
+    data_dir: Path
+    store: Any
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.state.api_url, timeout=30.0)
+
+    def reload(self) -> None:
+        self.state = StackState.from_json(StackLayout(ROOT, self.data_dir).state_file.read_text())
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackState, Path]]:
-    """The stack, up for the whole module; torn down (idempotently) at the end."""
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack, up for the whole module with a round every minute; torn down (idempotently) at the end."""
+    from tasks.store import Store
+
     data_dir = tmp_path_factory.mktemp("stack")
-    args = ("--data-dir", str(data_dir))
-    up = _cli(
-        "stack",
-        "up",
-        "--port",
-        str(_free_port()),
-        "--llm-port",
-        str(_free_port()),
+    config = tmp_path_factory.mktemp("config") / "round.json"
+    config.write_text(json.dumps(SMALL_ROUND))
+    store = Store(str(data_dir / "store"))
+    ports = ("--port", str(_free_port()), "--llm-port", str(_free_port()), "--report-port", str(_free_port()))
+    up_args = (
+        *ports,
         "--dry-run-finetunes",
-        *args,
+        "--every",
+        "60",
+        "--round-config",
+        str(config),
+        "--store",
+        store.url,
+        "--data-dir",
+        str(data_dir),
     )
+    up = _cli("stack", "up", *up_args)
     layout = StackLayout(root=ROOT, data_dir=data_dir)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        state = StackState.from_json(layout.state_file.read_text())
-        yield state, data_dir
+        assert "DRY RUNS" in up.stdout and '{"config": {"prompts_per_round": 8}}' in up.stdout
+        yield Stack(StackState.from_json(layout.state_file.read_text()), up_args, data_dir, store)
     finally:
-        _cli("stack", "down", *args, timeout=300)
-
-
-def _api(state: StackState) -> httpx.Client:
-    return httpx.Client(base_url=state.api_url, timeout=30.0)
+        _cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
 
 
 def _deployment_ids(client: httpx.Client) -> dict[str, str]:
     return {d["name"]: d["id"] for d in client.post("/deployments/filter", json={}).json()}
 
 
-def _wait_for_run(client: httpx.Client, run_id: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        run = client.get(f"/flow_runs/{run_id}").json()
-        if run["state"]["type"] in TERMINAL:
-            return dict(run)
-        time.sleep(2)
-    raise AssertionError(f"flow run {run_id} did not finish within {timeout_s} s")
+def _finished(client: httpx.Client, run_id: str) -> dict[str, Any] | None:
+    run = client.get(f"/flow_runs/{run_id}").json()
+    return dict(run) if run["state"]["type"] in TERMINAL else None
 
 
-def _runs_of(client: httpx.Client, deployment_id: str) -> list[dict[str, Any]]:
-    body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
+def _runs_of(
+    client: httpx.Client, deployment_id: str, states: list[str] | None = None
+) -> list[dict[str, Any]]:
+    body: dict[str, Any] = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
+    if states:
+        body["flow_runs"]["state"] = {"type": {"any_": states}}
     return list(client.post("/flow_runs/filter", json=body).json())
 
 
-def _round_params(store_url: str, threshold: int) -> dict[str, Any]:
-    """A round small enough for 2 shared CPU cores: two prompts, short completions."""
-    return {
-        "params": {
-            "store_url": store_url,
-            "config": {
-                "prompts_per_round": 2,
-                "instruction_sampling": {
-                    "temperature": 0.7,
-                    "top_p": 0.5,
-                    "max_tokens": 128,
-                    "presence_penalty": 2.0,
-                    "stop": ["\n\n", "\n16", "16.", "16 ."],
-                },
-                "instance_sampling": {
-                    "temperature": 0.0,
-                    "top_p": 1.0,
-                    "max_tokens": 128,
-                    "presence_penalty": 1.5,
-                    "stop": ["Example 4", "Task:"],
-                },
-                "max_instances": 3,
-            },
-            "data_ready_threshold": threshold,
-        }
-    }
-
-
 def _run_round(client: httpx.Client, deployment_id: str, store_url: str, threshold: int) -> dict[str, Any]:
-    created = client.post(
-        f"/deployments/{deployment_id}/create_flow_run",
-        json={"parameters": _round_params(store_url, threshold)},
-    )
+    params = {"params": {"store_url": store_url, "config": SMALL_ROUND, "data_ready_threshold": threshold}}
+    created = client.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": params})
     assert created.status_code == 201, created.text
-    run = _wait_for_run(client, created.json()["id"], 900)
+    run = wait_for(lambda: _finished(client, created.json()["id"]), 900, "a round through the worker")
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    return run
+    return dict(run)
+
+
+def _verify(store_url: str) -> subprocess.CompletedProcess[str]:
+    return _cli("verify", "--store", store_url, timeout=300)
 
 
 @pytest.mark.slow
-def test_stack_is_deployed_and_serving(stack: tuple[StackState, Path]) -> None:
-    state, _ = stack
+def test_stack_is_deployed_and_serving(stack: Stack) -> None:
+    state = stack.state
     assert state.ui_url.startswith("http://127.0.0.1:") and state.api_url == f"{state.ui_url}/api"
-    with _api(state) as client:
+    with stack.api() as client:
         assert client.get("/health").status_code == 200
         assert client.get("/work_pools/selfinstruct-process").json()["type"] == "process"
         assert client.post("/work_pools/selfinstruct-process/workers/filter", json={}).json()
         deployments = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
         assert set(deployments) == {"bootstrap-nightly", "finetune", "evaluate", "audit"}
         nightly = deployments["bootstrap-nightly"]
-        assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        assert nightly["schedules"][0]["schedule"]["interval"] == 60  # --every 60
         assert nightly["global_concurrency_limit"]["limit"] == 1
         assert nightly["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
         ]
+        # Where runs write and which LLM they use travel as job variables, never as parameters.
+        env = nightly["job_variables"]["env"]
+        assert (
+            env["SELFINSTRUCT_STORE_URL"] == stack.store.url and env["SELFINSTRUCT_LLM_URL"] == state.llm_url
+        )
         automations = {a["name"]: a for a in client.post("/automations/filter", json={}).json()}
-        trigger = automations["finetune__automation_1"]
+        assert set(automations) == {
+            "selfinstruct-finetune-on-data-ready",
+            "selfinstruct-evaluate-on-finetune",
+            "selfinstruct-audit-on-round-committed",
+            "selfinstruct-crash-zombie-flow-runs",
+        }
+        trigger = automations["selfinstruct-finetune-on-data-ready"]
         assert trigger["trigger"]["expect"] == ["selfinstruct.data.ready"]
         (action,) = trigger["actions"]
         assert action["deployment_id"] == deployments["finetune"]["id"]
         assert action["parameters"]["params"]["dry_run"] is True  # --dry-run-finetunes
     assert httpx.get(f"{state.llm_url}/models", timeout=10).status_code == 200
-    again = _cli("stack", "up", "--data-dir", str(stack[1]))
+    assert httpx.get(f"{state.report_url}/health", timeout=10).status_code == 200
+    again = _cli("stack", "up", "--data-dir", str(stack.data_dir))
     assert again.returncode == 1 and "already running" in again.stderr
 
 
 @pytest.mark.slow
-def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(
-    stack: tuple[StackState, Path], tmp_path: Path
-) -> None:
+def test_the_servers_scheduler_starts_rounds_by_itself(stack: Stack) -> None:
+    """No run is created by hand: the server's scheduler makes them from the deployment's schedule."""
+    with stack.api() as client:
+        nightly = _deployment_ids(client)["bootstrap-nightly"]
+        done = wait_for(lambda: _runs_of(client, nightly, ["COMPLETED"]), 900, "a scheduled round completing")
+        run = done[0]
+        assert run["auto_scheduled"] is True and run["created_by"]["type"] == "SCHEDULE", run
+        client.post(f"/deployments/{nightly}/pause_deployment").raise_for_status()
+        assert stack.store.committed_rounds()[:1] == [1]
+        assert run["name"] == "round-00001"
+        # Task runs are named by stage and chunk.
+        tasks = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
+        names = {t["name"] for t in tasks}
+        assert {"instructions-chunk-000", "classification-chunk-000", "instances-chunk-000"} <= names, names
+        # The report link in the UI opens over HTTP.
+        body = {
+            "artifacts": {
+                "flow_run_id": {"any_": [run["id"]]},
+                "key": {"any_": ["selfinstruct-round-report"]},
+            }
+        }
+        (link,) = client.post("/artifacts/filter", json=body).json()
+        url = link["data"].split("](", 1)[1].rstrip(")") if link["data"].startswith("[") else link["data"]
+        assert url.startswith(f"{stack.state.report_url}/rounds/round=00001/"), url
+        page = httpx.get(url, timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+    verify = _verify(stack.store.url)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.slow
+def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(stack: Stack, tmp_path: Path) -> None:
     from tasks.store import Store
 
-    state, _ = stack
     store = Store(str(tmp_path / "store"))
-    with _api(state) as client:
+    with stack.api() as client:
         ids = _deployment_ids(client)
         first = _run_round(client, ids["bootstrap-nightly"], store.url, threshold=10**9)
         assert store.committed_rounds() == [1]
@@ -329,31 +411,14 @@ def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(
             first["work_queue_name"] == "default" and first["parameters"]["params"]["store_url"] == store.url
         )
 
-        # Artifacts of the run, found through the REST API.
-        body = {"artifacts": {"flow_run_id": {"any_": [first["id"]]}}}
-        keys = {a["key"] for a in client.post("/artifacts/filter", json=body).json()}
-        assert {
-            "selfinstruct-round-counts",
-            "selfinstruct-round-samples",
-            "selfinstruct-round-report",
-        } <= keys
-        report = client.post(
-            "/artifacts/filter", json={"artifacts": {"key": {"any_": ["selfinstruct-round-report"]}}}
-        ).json()
-        assert any("rounds/round=00001/report.html" in a["data"] for a in report)
-        assert (Path(store.location(1)) / "report.html").is_file()
-
-        time.sleep(10)  # give a (wrong) trigger time to fire
-        assert _runs_of(client, ids["finetune"]) == []  # below the threshold: no fine-tune
-
         # round.committed started an audit of round 1 through the worker, judged by the stack's LLM.
-        deadline = time.monotonic() + 120
-        while not (audits := _runs_of(client, ids["audit"])) and time.monotonic() < deadline:
-            time.sleep(2)
-        assert audits, "no audit run followed round.committed"
-        audited = _wait_for_run(client, audits[0]["id"], 600)
+        def audit_of_round_1() -> list[dict[str, Any]]:
+            runs = _runs_of(client, ids["audit"])
+            return [r for r in runs if r["parameters"]["params"] == {"store_url": store.url, "round": 1}]
+
+        (audit,) = wait_for(audit_of_round_1, 120, "the round.committed trigger")
+        audited = wait_for(lambda: _finished(client, audit["id"]), 600, "the audit of round 1")
         assert audited["state"]["type"] == "COMPLETED", audited["state"]
-        assert audited["parameters"]["params"] == {"store_url": store.url, "round": 1}
         body = {"artifacts": {"flow_run_id": {"any_": [audited["id"]]}}}
         keys = {a["key"] for a in client.post("/artifacts/filter", json=body).json()}
         assert {"selfinstruct-round-audit", "selfinstruct-round-report"} <= keys
@@ -365,12 +430,8 @@ def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(
         instances = sum(store.read_manifest(n).counts["instances"] for n in (1, 2))
         assert instances >= 1, "the model produced no instance at all; the threshold cannot be crossed"
 
-        deadline = time.monotonic() + 120
-        while not (runs := _runs_of(client, ids["finetune"])) and time.monotonic() < deadline:
-            time.sleep(2)
-        time.sleep(10)  # a duplicate would show up by now
-        runs = _runs_of(client, ids["finetune"])
-        assert len(runs) == 1, runs
+        runs = wait_for(lambda: _runs_of(client, ids["finetune"]), 120, "the data.ready trigger")
+        assert len(runs) == 1, runs  # round 1, below its threshold, started none
         assert runs[0]["parameters"] == {
             "params": {"store_url": store.url, "rounds": [1, 2], "dry_run": True}
         }
@@ -381,18 +442,59 @@ def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(
         ours = [e for e in events if e["payload"]["store_url"] == store.url]
         assert len(ours) == 1 and ours[0]["payload"]["new_instances"] == instances
 
-        finetune = _wait_for_run(client, runs[0]["id"], 600)
+        finetune = wait_for(lambda: _finished(client, runs[0]["id"]), 600, "the dry-run fine-tune")
         assert finetune["state"]["type"] == "COMPLETED", finetune["state"]
+        assert finetune["name"].startswith("finetune-ft-")
+        assert len(_runs_of(client, ids["finetune"])) == 1
     manifests = store.list_names("finetunes")
     assert len(manifests) == 1
     assert json.loads(store.get_bytes(f"finetunes/{manifests[0]}/manifest.json"))["dry_run"] is True
 
 
+def _round_in_progress(store: Any) -> int | None:
+    """An uncommitted round that has already persisted completions (so it is mid-round), or None."""
+    for number in store.uncommitted_rounds():
+        if list(Path(store.location(number), "completions").glob("*.parquet")):
+            return int(number)
+    return None
+
+
 @pytest.mark.slow
-def test_stack_down_leaves_no_process(stack: tuple[StackState, Path]) -> None:
+def test_stack_down_mid_round_then_up_completes_that_round(stack: Stack) -> None:
+    """`stack down` interrupts a scheduled round; after `stack up` the schedule alone finishes it."""
+    with stack.api() as client:
+        nightly = _deployment_ids(client)["bootstrap-nightly"]
+        client.post(f"/deployments/{nightly}/resume_deployment").raise_for_status()
+        number = wait_for(lambda: _round_in_progress(stack.store), 600, "a scheduled round in progress", 0.5)
+        running = _runs_of(client, nightly, ["RUNNING"])
+        assert [r["name"] for r in running] == [f"round-{number:05d}"]
+    down = _cli("stack", "down", "--data-dir", str(stack.data_dir), timeout=300)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert f"cancelling flow run round-{number:05d}" in down.stdout
+    assert number not in stack.store.committed_rounds()
+
+    up = _cli("stack", "up", *stack.up_args)
+    assert up.returncode == 0, up.stdout + up.stderr
+    stack.reload()
+    with stack.api() as client:
+        interrupted = client.get(f"/flow_runs/{running[0]['id']}").json()
+        assert interrupted["state"]["type"] == "CANCELLED", interrupted["state"]
+        wait_for(
+            lambda: number in stack.store.committed_rounds(), 900, f"round {number} committed after restart"
+        )
+        nightly = _deployment_ids(client)["bootstrap-nightly"]
+        client.post(f"/deployments/{nightly}/pause_deployment").raise_for_status()
+        redone = [r for r in _runs_of(client, nightly, ["COMPLETED"]) if r["name"] == f"round-{number:05d}"]
+        assert len(redone) == 1 and redone[0]["auto_scheduled"] is True
+    verify = _verify(stack.store.url)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.slow
+def test_stack_down_leaves_no_process(stack: Stack) -> None:
     import psutil
 
-    state, data_dir = stack
+    state, data_dir = stack.state, stack.data_dir
     tree = {p.pid for p in state.processes}
     for managed in state.processes:
         if is_running(managed):

@@ -15,6 +15,7 @@ from tasks.events import (
     STATE_FILE,
     concurrency_limit_name,
     data_ready_due,
+    decide_data_ready,
     event_id,
     last_finetuned_round,
     new_instances_since_last_finetune,
@@ -128,6 +129,34 @@ def test_threshold_crossing_is_due_once_until_a_finetune_consumes_the_data(store
     assert again is not None and again.rounds == [4] and again.after_round == 3
 
 
+def test_a_dry_run_finetune_answers_the_announcement_without_consuming_the_data(store: Store) -> None:
+    commit_round(store, 7)
+    ready = data_ready_due(store, 5)
+    assert ready is not None
+    record_emitted(store, ready, 5, event_id("r", ready.after_round, ready.rounds))
+    commit_round(store, 1)
+    decision = decide_data_ready(store, 5)
+    assert decision.ready is None
+    assert "8 of 5 new instances since the start" in decision.reason
+    assert "already announced" in decision.reason and "no fine-tune has finished since" in decision.reason
+    # The triggered fine-tune was a dry run: it trained nothing, but it answered the event.
+    finish_finetune(store, "ft-dry", [1, 2], dry_run=True, created_at=datetime.now(UTC).isoformat())
+    commit_round(store, 1)
+    again = decide_data_ready(store, 5)
+    assert again.ready is not None and again.ready.rounds == [1, 2, 3] and again.ready.after_round == 0
+    assert again.reason == "9 of 5 new instances since the start, in rounds [1, 2, 3]"
+
+
+def test_the_reason_when_nothing_is_due(store: Store) -> None:
+    assert decide_data_ready(store, 0).reason == "data_ready_threshold is 0: data.ready is turned off"
+    commit_round(store, 3)
+    finish_finetune(store, "ft-real", [1], created_at=datetime.now(UTC).isoformat())
+    commit_round(store, 2)
+    decision = decide_data_ready(store, 10)
+    assert decision.ready is None
+    assert decision.reason == "2 of 10 new instances since fine-tune ft-real (round 1): below the threshold"
+
+
 def test_corrupt_state_does_not_block(store: Store) -> None:
     commit_round(store, 5)
     store.put_bytes(STATE_FILE, b"\x00garbage")
@@ -141,6 +170,9 @@ def test_store_identity(store: Store, tmp_path: Path, monkeypatch: pytest.Monkey
     relative = Store("./store")
     assert store_root_url(relative) == store_root_url(store)
     assert concurrency_limit_name("./store") == concurrency_limit_name(store)
+    # One Prefect resource per store, however its URL is written.
+    for spelling in ("./store", "store", "store/", str(tmp_path / "store")):
+        assert store_resource_id(Store(spelling)) == store_resource_id(store), spelling
     assert concurrency_limit_name(Store(str(tmp_path / "other"))) != concurrency_limit_name(store)
     assert event_id("a", 0, [1, 2]) == event_id("a", 0, [1, 2]) != event_id("a", 0, [1, 2, 3])
     # An object store is announced by its URL (opening it does not connect).
@@ -217,3 +249,31 @@ def test_round_slot_serializes_runs_on_one_store(prefect_server: None, store: St
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(concurrency_limit_name(store))
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+@pytest.mark.slow
+def test_waiting_for_the_store_slot_is_bounded_and_says_why(prefect_server: None, store: Store) -> None:
+    from tasks.events import round_slot
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with round_slot(store):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(120)
+        with pytest.raises(TimeoutError) as raised, round_slot(store, timeout_seconds=3):
+            pytest.fail("entered a slot that another run holds")
+        message = str(raised.value)
+        assert message.startswith("gave up after 3 s waiting for the store slot selfinstruct-store-")
+        assert "1 of 1 slots taken" in message
+    finally:
+        release.set()
+        thread.join(60)
+    with round_slot(store, timeout_seconds=30):  # free again once the holder left
+        pass

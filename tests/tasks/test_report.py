@@ -4,6 +4,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from schemas import (
@@ -31,6 +32,7 @@ from tasks.report import (
     write_report,
 )
 from tasks.store import Store, StoreError, records_to_table
+from tests.support.s3 import SECRET_KEY
 
 INSTRUCTIONS = [
     ("Write a short story about a dragon.", 0.31),
@@ -211,11 +213,50 @@ def test_report_is_written_into_the_committed_round(
     assert store.file_checksum(number, "report.html")  # readable back through the store
     assert {name: store.file_checksum(number, name) for name in before} == before  # data files untouched
     assert store.committed_rounds() == [number]
+    served = "http://127.0.0.1:9/reports"
+    assert report_link(store, number, served) == f"{served}/rounds/round=00001/report.html"
     if kind == "local":
         assert Path(location).read_text().startswith("<!DOCTYPE html>")
-        assert report_link(location) == f"file://{location}"
+        assert report_link(store, number) == f"file://{location}"
     else:
-        assert location.startswith("s3://") and report_link(location) == location
+        # An object store's report opens in a browser through a presigned URL, without credentials.
+        link = report_link(store, number)
+        assert location.startswith("s3://") and link.startswith("http://127.0.0.1:")
+        assert "X-Amz-Signature=" in link and SECRET_KEY not in link
+        page = httpx.get(link, timeout=30)
+        assert page.status_code == 200 and page.text.startswith("<!DOCTYPE html>")
+
+
+def test_report_server_serves_committed_reports_only(tmp_path: Path) -> None:
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tasks.report_server import make_handler
+
+    store = Store(str(tmp_path / "store"))
+    number = commit_round(store, INSTRUCTIONS)
+    write_report(store)
+    store.claim_next_round("another-run")  # round 2: claimed, never committed
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(store))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert httpx.get(f"{base}/health").status_code == 200
+        index = httpx.get(f"{base}/")
+        assert index.status_code == 200 and 'href="/rounds/round=00001/report.html"' in index.text
+        page = httpx.get(f"{base}/rounds/round={number:05d}/report.html")
+        assert page.status_code == 200 and page.text.startswith("<!DOCTYPE html>")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        for missing in (
+            "/rounds/round=00002/report.html",  # not committed
+            "/rounds/round=00001/manifest.json",  # not a report
+            "/rounds/round=00001/../../etc/passwd",
+            "/rounds/round=00000/report.html",
+        ):
+            assert httpx.get(f"{base}{missing}").status_code == 404, missing
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_build_report_needs_the_round_manifest() -> None:
