@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.processes import ExitedBeforeReady, tail
+from tasks.processes import wait_for_http as poll_http
+
 # (signal, seconds to wait for the process tree to exit after it). SIGINT first: a Prefect worker ignored
 # SIGTERM for over 10 s but stops cleanly on SIGINT.
 STOP_SEQUENCE = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
@@ -134,32 +137,21 @@ def stop_process_tree(
 
 
 def wait_for_http(url: str, timeout_s: float, process: ManagedProcess, what: str) -> None:
-    """Poll `url` until it answers 200.
+    """Poll `url` until it answers 200 (the one readiness poll, `tasks.processes.wait_for_http`).
 
     Raises:
         StackError: When `process` exits first or nothing answers within `timeout_s`.
     """
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not is_running(process):
-            raise StackError(f"{what} exited before answering; see {process.log}:\n{tail(Path(process.log))}")
-        try:
-            if httpx.get(url, timeout=5.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise StackError(f"{what} did not answer at {url} within {timeout_s:.0f} s; see {process.log}")
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file, for error messages."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+        poll_http(url, timeout_s, alive=lambda: is_running(process), interval_s=0.5)
+    except ExitedBeforeReady:
+        raise StackError(
+            f"{what} exited before answering; see {process.log}:\n{tail(Path(process.log))}"
+        ) from None
+    except TimeoutError:
+        raise StackError(
+            f"{what} did not answer at {url} within {timeout_s:.0f} s; see {process.log}"
+        ) from None
 
 
 def run_cli(

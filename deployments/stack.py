@@ -190,6 +190,37 @@ def render_prefect_file(source: Path, target: Path, options: StackOptions) -> Pa
 
 # -- the Prefect server, through its REST API ---------------------------------------------------------
 
+# The server answers 503 while its SQLite database is locked by a busy writer (seen on 2 loaded cores);
+# Prefect's own client retries those, and so does this one.
+_RETRY_STATUS = {429, 502, 503}
+
+
+def api_request(api_url: str, method: str, path: str, json_body: Any = None, attempts: int = 6) -> Any:
+    """One REST call to the Prefect server, retried on 429/502/503 and connection errors.
+
+    Returns:
+        The decoded JSON answer (None for an empty body).
+
+    Raises:
+        StackError: When the server keeps failing or refuses the request.
+    """
+    import httpx
+
+    answer = ""
+    for attempt in range(attempts):
+        try:
+            response = httpx.request(method, f"{api_url}{path}", json=json_body, timeout=30.0)
+        except httpx.TransportError as error:
+            answer = f"{type(error).__name__}"
+        else:
+            if response.status_code not in _RETRY_STATUS:
+                if response.status_code >= 400:
+                    raise StackError(f"{method} {path}: {response.status_code} {response.text[:300]}")
+                return response.json() if response.content else None
+            answer = f"{response.status_code} {response.text[:200]}"
+        time.sleep(min(2.0**attempt, 10.0))
+    raise StackError(f"{method} {path} failed {attempts} times; last answer: {answer}")
+
 
 def zombie_automation() -> dict[str, Any]:
     """The automation Prefect documents for zombie runs: no heartbeat for 90 s -> Crashed.
@@ -231,38 +262,26 @@ def zombie_automation() -> dict[str, Any]:
 
 def ensure_automation(api_url: str, spec: dict[str, Any]) -> str:
     """Create the automation named in `spec` unless one of that name exists; returns its id."""
-    import httpx
-
-    with httpx.Client(base_url=api_url, timeout=30.0) as client:
-        found = client.post("/automations/filter", json={"automations": {"name": {"any_": [spec["name"]]}}})
-        found.raise_for_status()
-        if found.json():
-            return str(found.json()[0]["id"])
-        created = client.post("/automations/", json=spec)
-        if created.status_code >= 400:
-            raise StackError(f"creating automation {spec['name']} failed: {created.text[:300]}")
-        return str(created.json()["id"])
+    body = {"automations": {"name": {"any_": [spec["name"]]}}}
+    found = api_request(api_url, "POST", "/automations/filter", body)
+    if found:
+        return str(found[0]["id"])
+    return str(api_request(api_url, "POST", "/automations/", spec)["id"])
 
 
 def runs_in_flight(api_url: str, pool: str) -> list[dict[str, Any]]:
     """Flow runs of the pool that are running, starting or being cancelled."""
-    import httpx
-
     body = {
         "flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}},
         "work_pools": {"name": {"any_": [pool]}},
     }
-    response = httpx.post(f"{api_url}/flow_runs/filter", json=body, timeout=30.0)
-    response.raise_for_status()
-    return list(response.json())
+    return list(api_request(api_url, "POST", "/flow_runs/filter", body))
 
 
 def set_run_state(api_url: str, run_id: str, state_type: str, message: str) -> None:
     """Ask the server to move a flow run to `state_type` (orchestration rules apply, no force)."""
-    import httpx
-
     body = {"state": {"type": state_type, "message": message}, "force": False}
-    httpx.post(f"{api_url}/flow_runs/{run_id}/set_state", json=body, timeout=30.0).raise_for_status()
+    api_request(api_url, "POST", f"/flow_runs/{run_id}/set_state", body)
 
 
 def cancel_in_flight(api_url: str, pool: str, timeout_s: float, say: Say) -> list[str]:

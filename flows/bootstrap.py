@@ -10,6 +10,9 @@ from schemas import CompletionRecord, RoundParams, SamplingParams
 from tasks.artifacts import ProgressArtifact, name_flow_run, publish_round
 from tasks.events import emit_data_ready_if_due, round_slot
 from tasks.llm import CompletionRequest, generate_in_tasks
+from tasks.llm_sizing import size_for_servers_task
+from tasks.progress import ProgressUpdate, generation_hook, report
+from tasks.redact import redact_url
 from tasks.report import publish_report
 from tasks.secrets import run_settings
 from tasks.steps import (
@@ -23,10 +26,11 @@ from tasks.steps import (
     instruction_requests,
     llm_endpoints,
     open_round,
+    parsed_count,
     plan_instruction_prompts_task,
     write_round_task,
 )
-from tasks.store import StoreCompletionCache, redact_url
+from tasks.store import Store, StoreCompletionCache
 
 
 @flow(name="bootstrap-round")
@@ -52,12 +56,14 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
         ctx = open_round(store_url, params.seeds_path, config, settings, run_id)
         name_flow_run(f"round-{ctx.number:05d}")
         logger.info(
-            "round %d of %s: pool of %d instructions", ctx.number, redact_url(ctx.store.url), ctx.pool.size
+            "round %d of %s: pool of %d instructions", ctx.number, redact_url(store_url), ctx.pool_size_before
         )
-        cache = StoreCompletionCache(ctx.store, ctx.number)
+        store = Store(store_url, settings)
+        cache = StoreCompletionCache(store, ctx.number)
         progress = ProgressArtifact(f"Round {ctx.number} generation")
 
         with llm_endpoints(params.llm_urls, settings) as urls:
+            llm_settings = size_for_servers_task(settings, urls)
 
             def complete(
                 requests: list[CompletionRequest], sampling: SamplingParams, stage: str
@@ -65,58 +71,64 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                 return generate_in_tasks(
                     requests,
                     sampling,
-                    settings,
+                    llm_settings,
                     urls,
                     cache,
-                    on_progress=progress.callback(stage),
+                    on_progress=generation_hook(f"round {ctx.number} {stage}", progress.callback(stage)),
                     model=ctx.model,
                     stage=stage,
                 )
 
-            plans = plan_instruction_prompts_task(ctx.pool, config, ctx.number)
+            plans = plan_instruction_prompts_task(ctx, config, settings)
             new = complete(
                 instruction_requests(plans, config, ctx.number), config.instruction_sampling, "instructions"
             )
             candidates, filtered = collect_candidates_task(plans, new, config, ctx.number)
-            accepted, duplicates = dedup_candidates_task(
-                candidates, ctx.pool, config, ctx.number, ctx.model, settings.dask_address
-            )
+            dedup = dedup_candidates_task(candidates, ctx, config, settings)
+            report(ProgressUpdate(f"round {ctx.number} instructions", note=f"kept {len(dedup.accepted)}"))
             answers = complete(
-                classify_requests(accepted, config, ctx.number), config.classify_sampling, "classification"
+                classify_requests(dedup.accepted, config, ctx.number),
+                config.classify_sampling,
+                "classification",
             )
-            classified = apply_classification(accepted, answers)
+            classified, unanswered = apply_classification(dedup.accepted, answers, ctx.number)
             outputs = complete(
                 instance_requests(classified, config, ctx.number), config.instance_sampling, "instances"
             )
         instructions, instances, unusable = collect_instances_task(classified, outputs, config, ctx.number)
+        report(
+            ProgressUpdate(
+                f"round {ctx.number} instances",
+                note=f"kept {len(instructions)} instructions, {len(instances)} instances",
+            )
+        )
 
         manifest = write_round_task(
-            ctx.store,
-            ctx.pool,
+            ctx,
             RoundResult(
                 number=ctx.number,
                 run_id=run_id,
                 model=ctx.model,
                 seeds_sha256=ctx.seeds_sha256,
                 pool_size_before=ctx.pool_size_before,
-                index_start=ctx.index_start,
-                vocab_start=ctx.vocab_start,
                 prompts=len(plans),
-                candidates_parsed=len(candidates) + sum(1 for r in filtered if r.reason != "unparseable"),
+                candidates_parsed=parsed_count(candidates, filtered),
                 instructions=instructions,
                 instances=instances,
-                rejected=filtered + duplicates + unusable,
+                rejected=filtered + dedup.rejected + unanswered + unusable,
                 completions=new + answers + outputs,
             ),
+            dedup.delta,
             config,
+            settings,
         )
-        publish_round(ctx.store, manifest, instructions, instances)
+        publish_round(store, manifest, instructions, instances)
         # The event goes out before the report, so a plotting error cannot hold back a fine-tune.
-        emit_data_ready_if_due(ctx.store, params.data_ready_threshold)
-        publish_report(ctx.store, manifest.round, settings.report_url)
+        emit_data_ready_if_due(store, params.data_ready_threshold)
+        publish_report(store, manifest.round, settings.report_url)
         logger.info("round %d committed: %s", manifest.round, manifest.counts)
         return {
             "round": manifest.round,
             "counts": manifest.counts,
-            "location": ctx.store.location(manifest.round),
+            "location": store.location(manifest.round),
         }

@@ -31,7 +31,7 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
     finetune_id = new_finetune_id()
     name_flow_run(f"finetune-{finetune_id}")
     data = prepare_data_task(params, finetune_id)
-    trained = None if params.dry_run else train_task(params, finetune_id)
+    trained = None if params.dry_run else train_task(params, finetune_id, data.fingerprint)
     manifest = write_manifest_task(params, data, trained)
     if params.vllm_url and not params.dry_run:
         register_task(params, finetune_id)
@@ -42,6 +42,7 @@ def finetune(params: FinetuneParams | None = None) -> dict[str, object]:
         "dry_run": params.dry_run,
         "rounds": manifest.rounds,
         "rows": manifest.rows,
+        "dataset_fingerprint": manifest.dataset_fingerprint,
         "eval_loss_before": trained.metrics.eval_loss_before if trained else None,
         "eval_loss_after": trained.metrics.eval_loss_after if trained else None,
     }

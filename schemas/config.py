@@ -26,6 +26,11 @@ DEFAULT_BLACKLIST: tuple[str, ...] = (
 )
 
 
+# vLLM refuses a request with more stop strings than VLLM_MAX_STOP_STRINGS, 4 by default (vLLM 0.33.0:
+# envs.py, and `StopParam` in entrypoints/generate/base/protocol.py). A config must pass on any server.
+MAX_STOP_STRINGS = 4
+
+
 class SamplingParams(BaseModel):
     """Decoding parameters sent with a completions request."""
 
@@ -36,7 +41,16 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(default=1024, ge=1, le=32768, description="Maximum new tokens per completion.")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI frequency penalty.")
     presence_penalty: float = Field(default=2.0, ge=-2.0, le=2.0, description="OpenAI presence penalty.")
-    stop: tuple[str, ...] = Field(default=(), max_length=8, description="Stop sequences.")
+    top_k: int = Field(default=0, ge=0, le=100_000, description="Top-k cut-off; 0 = off.")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="Min-p cut-off; 0 = off.")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=2.0, description="Multiplicative repetition penalty; 1 = off."
+    )
+    stop: tuple[str, ...] = Field(
+        default=(),
+        max_length=MAX_STOP_STRINGS,
+        description=f"Stop sequences, at most {MAX_STOP_STRINGS} (vLLM's limit).",
+    )
 
 
 class BootstrapConfig(BaseModel):
@@ -98,6 +112,12 @@ class BootstrapConfig(BaseModel):
         description="ROUGE-L tokenizer: rouge-score's own, or one that keeps non-ASCII words.",
     )
     model: str | None = Field(default=None, description="Model name on the server; None = Settings.model.")
+    adapter: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Generate with the LoRA adapter a fine-tune registered on the vLLM server (its fine-tune "
+        "id; 'latest' = the store's newest trained fine-tune) instead of the base model.",
+    )
 
 
 class RoundParams(BaseModel):

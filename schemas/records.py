@@ -1,13 +1,18 @@
 """Records a round writes: one model per Parquet row, plus the round manifest."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.config import BootstrapConfig, SamplingParams
 
 Stage = Literal["instruction", "dedup", "classify", "instance"]
+
+# Annotated marker read by tasks/store.py, which derives each Parquet file's Arrow schema from these models:
+# an int field so marked is a 32-bit column (every other int is 64-bit). Pydantic ignores it.
+INT32_COLUMN = "arrow:int32"
+Int32 = Annotated[int, INT32_COLUMN]
 
 
 class CompletionRecord(BaseModel):
@@ -22,13 +27,19 @@ class CompletionRecord(BaseModel):
     text: str = Field(description="Raw completion text.")
     finish_reason: str | None = Field(description="'stop' or 'length' as the server reported it.")
     prompt_tokens: int = Field(
-        ge=0, description="Prompt tokens of the whole HTTP request (shared by its prompts)."
+        ge=0,
+        description="Prompt tokens of this prompt when the server returned token ids, else of the whole "
+        "HTTP request (shared by its prompts).",
     )
     completion_tokens: int = Field(ge=0, description="Completion tokens of this prompt, or of the request.")
     latency_s: float = Field(ge=0.0, description="Wall time of the HTTP request that carried this prompt.")
     model: str
     base_url: str = Field(description="Server that answered, credentials removed.")
     seed: int | None = None
+    rejected: str | None = Field(
+        default=None,
+        description="Why the server refused this prompt alone (e.g. prompt_too_long); None when answered.",
+    )
 
 
 class SimilarInstruction(BaseModel):
@@ -47,10 +58,10 @@ class InstructionRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(description="Stable id: r{round:05d}-{n:05d}.")
-    round: int = Field(ge=1)
+    round: Int32 = Field(ge=1)
     instruction: str
     request_key: str = Field(description="Cache key of the completion it was parsed from.")
-    prompt_index: int = Field(
+    prompt_index: Int32 = Field(
         ge=0, description="Which instruction-generation prompt of the round produced it."
     )
     in_context_ids: list[str] = Field(description="Pool ids shown in the prompt, in order.")
@@ -69,8 +80,8 @@ class InstanceRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     instruction_id: str
-    round: int = Field(ge=1)
-    index: int = Field(ge=0, description="Position among the instruction's instances.")
+    round: Int32 = Field(ge=1)
+    index: Int32 = Field(ge=0, description="Position among the instruction's instances.")
     input: str
     output: str
     request_key: str
@@ -81,7 +92,7 @@ class RejectionRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    round: int = Field(ge=1)
+    round: Int32 = Field(ge=1)
     stage: Stage
     reason: str = Field(description="Stable reason string, e.g. too_short, blacklist:image, rouge_l>0.7.")
     text: str = Field(description="The rejected instruction (or the instance's instruction).")

@@ -21,6 +21,25 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, description="Bearer token for the LLM servers.")
     llm_batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per /v1/completions request.")
     llm_concurrency: int = Field(default=4, ge=1, le=1024, description="HTTP requests in flight at most.")
+    llm_token_ids: bool = Field(
+        default=False,
+        description="Ask the server for token ids (vLLM's return_token_ids) for exact per-prompt token "
+        "counts; "
+        "turned on by itself when the server is found to be vLLM.",
+    )
+    llm_autosize: bool = Field(
+        default=True,
+        description="When the server is vLLM and neither batch size nor concurrency is set, size both "
+        "from it.",
+    )
+    llm_server_max_seqs: int = Field(
+        default=1024,
+        ge=1,
+        le=65536,
+        description="Sequences the vLLM server schedules at once (its --max-num-seqs; vLLM 0.33.0 "
+        "defaults to "
+        "1024 on H100/H200-class GPUs, 256 on smaller ones), used by llm_autosize.",
+    )
     llm_timeout_s: float = Field(default=600.0, gt=0, description="Timeout of one HTTP request.")
     llm_max_retries: int = Field(default=5, ge=0, le=50, description="Retries on 429/5xx/timeouts.")
     dask_address: str | None = Field(default=None, description="Dask scheduler for sharded ROUGE-L scoring.")

@@ -3,9 +3,9 @@
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-ExportFormat = Literal["jsonl", "alpaca", "sft"]
+ExportFormat = Literal["jsonl", "alpaca", "sft", "messages"]
 PromptFormat = Literal["template", "chat"]
 Rating = Literal["A", "B", "C", "D"]
 Interval = tuple[float, float]
@@ -71,6 +71,23 @@ class FinetuneParams(BaseModel):
         default=None,
         description="The adapter folder as the vLLM server sees it; None = a local copy on this machine.",
     )
+    vllm_max_lora_rank: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="The vLLM server's --max-lora-rank (vLLM's default: 16); lora_r must not exceed it.",
+    )
+
+    @model_validator(mode="after")
+    def _rank_fits_the_server(self) -> "FinetuneParams":
+        # vLLM refuses to load an adapter of a bigger rank (lora/peft_helper.py `validate_legal`), which would
+        # only show after the whole training run.
+        if self.vllm_url and not self.dry_run and self.lora_r > self.vllm_max_lora_rank:
+            raise ValueError(
+                f"lora_r={self.lora_r} is above the vLLM server's max LoRA rank ({self.vllm_max_lora_rank}): "
+                "lower lora_r, or serve with a larger --max-lora-rank and set vllm_max_lora_rank to it"
+            )
+        return self
 
 
 class EvaluateParams(BaseModel):
@@ -174,7 +191,12 @@ class FinetuneManifest(BaseModel):
     seeds_sha256: str | None = Field(description="Checksum of the seed file, when seeds were included.")
     rows: dict[str, int] = Field(description="Rows of the 'train' and 'validation' files.")
     sha256: dict[str, str] = Field(
-        description="sha256 of the 'train' and 'validation' JSONL files as stored."
+        description="sha256 of every file of the dataset folder, by path relative to finetunes/<id>/."
+    )
+    dataset_fingerprint: str | None = Field(
+        default=None,
+        description="Fingerprint of the dataset folder's data files (tasks/dataset.py); equal to that of "
+        "`selfinstruct export --to` with the same rounds and options. None in manifests older than it.",
     )
     export: ExportStats
     base_model: str = Field(description="The base model as given ('embedded' for the shipped GGUF).")

@@ -1,104 +1,39 @@
-"""The `selfinstruct` command line. Prefect is imported lazily, after its environment is set up."""
+"""The `selfinstruct` command line: `run`, `status`, `verify`, and every other command registered on `app`.
 
-import json
+Every command is on `app` as soon as this module is imported. Prefect, the store and the training stack are
+imported inside the commands, after Prefect's environment is set up, so `selfinstruct --help` stays fast.
+"""
+
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from schemas import BootstrapConfig, Settings
+from schemas import Settings
+from selfinstruct import cli_audit, cli_ops, cli_train
+from selfinstruct.cli_llm import llm_app
+from selfinstruct.console import console, errors, fail
+from selfinstruct.inputs import (
+    load_config,
+    load_settings,
+    local_data_dir,
+    open_store_or_fail,
+    prepare_prefect_env,
+)
 
 app = typer.Typer(
     help="Self-Instruct bootstrap rounds on Prefect.", no_args_is_help=True, add_completion=False
 )
-console = Console()
-errors = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print one clear error line and exit non-zero."""
-    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code)
-
-
-def local_data_dir(settings: Settings) -> Path:
-    """Folder for local state (Prefect's database, model files): the store when local, else ./data."""
-    if "://" in settings.store_url and not settings.store_url.startswith("file://"):
-        return Path("data").resolve()
-    return Path(settings.store_url.removeprefix("file://")).expanduser().resolve()
-
-
-def prepare_prefect_env(data_dir: Path) -> None:
-    """Keep Prefect's ephemeral API inside the project's data folder, and give it time to start on 2 cores."""
-    if not os.environ.get("PREFECT_API_URL"):
-        os.environ.setdefault("PREFECT_HOME", str(data_dir / "prefect"))
-        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-
-
-def load_settings(store: str | None) -> Settings:
-    """Settings from the environment, with the store overridden by --store."""
-    try:
-        settings = Settings()
-        if store:
-            settings = settings.model_copy(update={"store_url": store})
-    except ValidationError as error:
-        first = error.errors()[0]
-        fail(f"settings: SELFINSTRUCT_{str(first['loc'][0]).upper()}: {first['msg']}")
-        raise
-    return settings
-
-
-def load_config(path: Path | None, prompts: int | None) -> BootstrapConfig:
-    """A BootstrapConfig from a JSON file (all fields optional), with --prompts applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = json.loads(path.read_text())
-        except OSError as error:
-            fail(f"{path}: cannot read ({error.strerror})")
-        except json.JSONDecodeError as error:
-            fail(f"{path}:{error.lineno}: invalid JSON ({error.msg})")
-        if not isinstance(data, dict):
-            fail(f"{path}: expected a JSON object of BootstrapConfig fields")
-    if prompts is not None:
-        data["prompts_per_round"] = prompts
-    try:
-        return BootstrapConfig.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        fail(f"{path or 'config'}: field '{where}': {first['msg']}")
-        raise
-
-
-def open_store(settings: Settings) -> Any:
-    """The configured store, or a clear error."""
-    from tasks.store import Store, StoreError, redact_url
-
-    try:
-        store_obj = Store(settings.store_url, settings)
-    except StoreError as error:
-        fail(str(error))
-    try:
-        # One cheap read, so missing or wrong S3 credentials, an unreachable endpoint or a store path that is
-        # a file show up as one line here instead of a traceback from inside a flow.
-        store_obj.committed_rounds()
-    except Exception as error:
-        fail(f"store {redact_url(settings.store_url)}: cannot read it ({type(error).__name__}: {error})")
-    return store_obj
-
-
-def check_llm_servers(urls: list[str], model: str, settings: Settings) -> None:
+def check_llm_servers(urls: list[str], model: str, settings: Settings, stop: tuple[str, ...] = ()) -> None:
     """Fail before anything is written when an LLM server is down, refuses the request or lacks the model.
 
-    Transient answers (5xx, 429, a timeout) pass: the round's retries deal with those.
+    The check request carries `stop` (the most stop strings any stage of the round sends), so a server that
+    allows fewer (vLLM: 4) refuses it here rather than midway through the round. Transient answers (5xx, 429,
+    a timeout) pass: the round's retries deal with those.
     """
     import asyncio
     from urllib.parse import urlsplit
@@ -106,26 +41,41 @@ def check_llm_servers(urls: list[str], model: str, settings: Settings) -> None:
     import httpx
 
     from tasks.llm import LLMError
-    from tasks.store import redact_url
+    from tasks.redact import redact_url
 
     for url in urls:
         shown = redact_url(url)
         parts = urlsplit(url)
-        if parts.username or parts.password:
+        if parts.username or parts.password or parts.query or parts.fragment:
             # The URLs become Prefect flow parameters, which are stored and shown in the UI.
-            fail(f"LLM URL {shown}: put the API key in SELFINSTRUCT_API_KEY, not in the URL")
+            fail(
+                f"LLM URL {shown}: put the API key in SELFINSTRUCT_API_KEY, not in the URL "
+                "(no user info, query string or fragment)"
+            )
         try:
-            httpx.get(f"{url}/models", timeout=10.0)
+            listing = httpx.get(f"{url}/models", timeout=10.0)
         except httpx.TransportError as error:
             fail(f"LLM server {shown} is unreachable ({type(error).__name__})")
         try:
-            asyncio.run(_complete_one_token(url, model, settings))
+            asyncio.run(_complete_one_token(url, model, settings, stop))
         except LLMError as error:
             if not error.retryable:  # a 4xx: unknown model, bad API key, a request the server refuses
-                fail(f"LLM server check failed: {error}")
+                hint = _served_models_hint(listing) if error.status == 404 else ""
+                fail(f"LLM server check failed: {error}{hint}")
 
 
-async def _complete_one_token(url: str, model: str, settings: Settings) -> None:
+def _served_models_hint(listing: Any) -> str:
+    """ "; it serves: a, b (...)" from a /v1/models answer, to say which name to use instead."""
+    try:
+        names = [str(m["id"]) for m in listing.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    if not names:
+        return ""
+    return f"; it serves: {', '.join(names[:10])} (set SELFINSTRUCT_MODEL, or the round's model/adapter)"
+
+
+async def _complete_one_token(url: str, model: str, settings: Settings, stop: tuple[str, ...] = ()) -> None:
     from schemas import SamplingParams
     from tasks.llm import OpenAICompletionClient
 
@@ -133,7 +83,7 @@ async def _complete_one_token(url: str, model: str, settings: Settings) -> None:
         [url], model, api_key=settings.api_key, timeout_s=min(settings.llm_timeout_s, 30.0), max_retries=0
     )
     try:
-        await client.complete(["Say OK."], SamplingParams(max_tokens=1), None, "instruction")
+        await client.complete(["Say OK."], SamplingParams(max_tokens=1, stop=stop), None, "instruction")
     finally:
         await client.aclose()
 
@@ -150,6 +100,13 @@ def run(
     llm_url: Annotated[
         list[str] | None, typer.Option(help="OpenAI-compatible base URL (repeatable).")
     ] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help="Generate with the LoRA adapter a fine-tune registered on the vLLM server: its id, or "
+            "'latest'."
+        ),
+    ] = None,
     store_slot: Annotated[
         bool | None,
         typer.Option(
@@ -163,27 +120,39 @@ def run(
     from tasks.seeds import SeedFileError, load_seeds
 
     settings = load_settings(store)
-    round_config = load_config(config, prompts)
+    round_config = load_config(config, prompts, adapter)
     try:
         load_seeds(seeds)
     except SeedFileError as error:
         fail(str(error))
+    sampling = (
+        round_config.instruction_sampling,
+        round_config.classify_sampling,
+        round_config.instance_sampling,
+    )
     check_llm_servers(
         [u.rstrip("/") for u in llm_url or []] or settings.llm_urls(),
-        round_config.model or settings.model,
+        # "latest" is resolved from the store when the round opens; the base model is checked here.
+        round_config.adapter
+        if round_config.adapter not in (None, "latest")
+        else round_config.model or settings.model,
         settings,
+        max((s.stop for s in sampling), key=len),
     )
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     prepare_prefect_env(local_data_dir(settings))
 
     from flows.bootstrap import bootstrap_round
     from schemas import RoundParams
+    from selfinstruct.progress import terminal_progress
+    from tasks.progress import ProgressUpdate, report
+    from tasks.redact import redact_url
     from tasks.steps import llm_endpoints
-    from tasks.store import redact_url
 
     summaries = []
-    with llm_endpoints(list(llm_url or []), settings) as urls:
+    with llm_endpoints(list(llm_url or []), settings) as urls, terminal_progress(console):
         console.print(f"LLM server(s): {', '.join(redact_url(u) for u in urls)}")
+        report(ProgressUpdate("run", done=0, total=rounds, unit="rounds"))
         for _ in range(rounds):
             params = RoundParams(
                 store_url=settings.store_url,
@@ -198,6 +167,16 @@ def run(
                 fail(f"round failed: {error}", code=1)
             summaries.append(summary)
             console.print(f"[green]round {summary['round']} committed[/] at {summary['location']}")
+            counts: list[Any] = [s["counts"] for s in summaries]
+            kept = sum(c["kept"] for c in counts)
+            instances = sum(c["instances"] for c in counts)
+            report(
+                ProgressUpdate(
+                    "run",
+                    done=len(summaries),
+                    note=f"kept so far: {kept} instructions, {instances} instances",
+                )
+            )
     print_summary(store_obj, summaries)
 
 
@@ -228,7 +207,7 @@ def print_summary(store_obj: Any, summaries: list[dict[str, Any]]) -> None:
 def status(store: Annotated[str | None, typer.Option(help="Store root URL.")] = None) -> None:
     """List the committed rounds of a store."""
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     rounds = store_obj.committed_rounds()
     table = Table(title=f"Committed rounds in {store_obj.location(1).rsplit('/rounds/', 1)[0]}")
     for column in ("round", "committed at", "model", "kept", "classification", "instances", "rejected"):
@@ -265,7 +244,7 @@ def verify(
     from tasks.verify import clean_dangling, verify_store
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     try:
         seed_tasks, _ = load_seeds(seeds)
     except SeedFileError as error:
@@ -286,13 +265,12 @@ def verify(
         raise typer.Exit(1)
 
 
+cli_ops.register(app)
+cli_train.register(app)
+cli_audit.register(app)
+app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
+
+
 def main() -> None:
     """Console-script entry point."""
-    from selfinstruct import cli_audit, cli_ops, cli_train
-    from selfinstruct.cli_llm import llm_app
-
-    cli_ops.register(app)
-    cli_train.register(app)
-    cli_audit.register(app)
-    app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
     app()

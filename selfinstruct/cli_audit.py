@@ -9,15 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from selfinstruct.cli import (
-    check_llm_servers,
-    console,
-    fail,
-    load_settings,
-    local_data_dir,
-    open_store,
-    prepare_prefect_env,
-)
+from selfinstruct.console import console, fail
+from selfinstruct.inputs import load_settings, local_data_dir, open_store_or_fail, prepare_prefect_env
 
 
 def audit(
@@ -42,11 +35,12 @@ def audit(
 ) -> None:
     """Audit a round's quality with an LLM judge; prints the three rates with 95% intervals."""
     from schemas.audit import AuditParams
+    from selfinstruct.cli import check_llm_servers  # the module that registers this command: loaded by now
     from tasks.audit import resolve_round
     from tasks.store import StoreError
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     try:
         number = resolve_round(store_obj, round_)
     except StoreError as error:

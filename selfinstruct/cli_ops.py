@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from deployments.processes import StackError, is_running
@@ -26,9 +25,7 @@ from deployments.stack import (
     start_stack,
     stop_stack,
 )
-
-console = Console()
-errors = Console(stderr=True)
+from selfinstruct.console import console, fail
 
 # -- command line ------------------------------------------------------------------------------------
 
@@ -37,11 +34,6 @@ stack_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    return typer.Exit(code)
 
 
 def _layout(data_dir: Path) -> StackLayout:
@@ -64,7 +56,7 @@ def _round_config(path: Path | None) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
         BootstrapConfig.model_validate(data)
     except (OSError, ValueError) as error:
-        raise _fail(f"{path}: not a JSON object of BootstrapConfig fields ({error})", code=2) from None
+        fail(f"{path}: not a JSON object of BootstrapConfig fields ({error})", code=2)
     return dict(data)
 
 
@@ -122,7 +114,7 @@ def stack_up(
         with console.status("bringing the stack up...") as status:
             state = start_stack(layout, options, say=lambda message: status.update(message))
     except StackError as error:
-        raise _fail(str(error)) from None
+        fail(str(error), code=1)
     table = Table(title="selfinstruct stack", show_header=False)
     table.add_row("UI", f"[bold green]{state.ui_url}[/]")
     table.add_row("API", f"export PREFECT_API_URL={state.api_url}")
@@ -157,7 +149,7 @@ def stack_down(data_dir: DataDirOption = Path("data")) -> None:
     try:
         outcomes = stop_stack(layout, say=lambda message: console.print(message, style="dim"))
     except StackError as error:
-        raise _fail(str(error)) from None
+        fail(str(error), code=1)
     if not outcomes:
         console.print(f"no stack recorded in {layout.state_file}; nothing to stop")
         return
@@ -175,7 +167,7 @@ def stack_status(data_dir: DataDirOption = Path("data")) -> None:
     try:
         state = read_state(layout)
     except StackError as error:
-        raise _fail(str(error)) from None
+        fail(str(error), code=1)
     if state is None:
         console.print(f"no stack recorded in {layout.state_file}")
         raise typer.Exit(1)
@@ -202,23 +194,23 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Also write the HTML here.")] = None,
 ) -> None:
     """Write a round's HTML report (pool growth, ROUGE-L, lengths, rejections, verbs) into the store."""
-    from selfinstruct.cli import load_settings, open_store
+    from selfinstruct.inputs import load_settings, open_store_or_fail
     from tasks.report import render_report, save_report
     from tasks.store import StoreError
 
-    store_obj = open_store(load_settings(store))
+    store_obj = open_store_or_fail(load_settings(store))
     try:
         with console.status("rendering the report..."):
             number, page = render_report(store_obj, round_)
             location = save_report(store_obj, number, page)
     except StoreError as error:
-        raise _fail(str(error), code=2) from None
+        fail(str(error), code=2)
     console.print(f"[green]round {number} report[/] written to {location}", highlight=False)
     if out is not None:
         try:
             out.write_text(page)
         except OSError as error:
-            raise _fail(f"{out}: cannot write ({error.strerror})", code=2) from None
+            fail(f"{out}: cannot write ({error.strerror})", code=2)
         console.print(f"and to {out}", highlight=False)
 
 

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from selfinstruct.cli import console, fail, load_settings, local_data_dir, open_store, prepare_prefect_env
+from schemas.training import ExportFormat
+from selfinstruct.console import console, fail
+from selfinstruct.inputs import load_settings, local_data_dir, open_store_or_fail, prepare_prefect_env
 
 StoreOption = Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")]
 RoundsOption = Annotated[
@@ -25,11 +27,13 @@ class Format(StrEnum):
     jsonl = "jsonl"
     alpaca = "alpaca"
     sft = "sft"
+    messages = "messages"
+    hf = "hf"
 
 
 def _where(store_obj: Any) -> str:
     """A store's root for messages, credentials removed."""
-    from tasks.store import redact_url
+    from tasks.redact import redact_url
 
     return redact_url(store_obj.url)
 
@@ -42,12 +46,22 @@ def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
         return select_rounds(spec, store_obj.committed_rounds())
     except ExportError as error:
         fail(f"{error} (store {_where(store_obj)})")
-        raise
 
 
 def export(
-    out: Annotated[Path, typer.Argument(help="JSONL file to write.")],
-    fmt: Annotated[Format, typer.Option("--format", help="Row format.")] = Format.jsonl,
+    out: Annotated[
+        Path | None,
+        typer.Argument(
+            help="File to write: .jsonl (jsonl, sft, messages) or .json (alpaca); a folder for hf."
+        ),
+    ] = None,
+    fmt: Annotated[
+        Format | None,
+        typer.Option("--format", help="Row format, or hf for a dataset folder (default: jsonl)."),
+    ] = None,
+    to: Annotated[
+        Path | None, typer.Option("--to", help="Write a Hugging Face dataset folder here (= --format hf).")
+    ] = None,
     rounds: RoundsOption = None,
     include_seeds: Annotated[
         bool, typer.Option("--include-seeds", help="Also export the seed tasks.")
@@ -56,21 +70,178 @@ def export(
     max_instances: Annotated[
         int, typer.Option(min=1, max=100, help="Instances per instruction at most.")
     ] = 5,
-    seed: Annotated[int, typer.Option(help="Seeds instance sampling, template choice and shuffling.")] = 42,
+    seed: Annotated[
+        int, typer.Option(help="Seeds instance sampling, template choice, shuffling and the split.")
+    ] = 42,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="System turn of every conversation (--format messages).")
+    ] = None,
+    validation_fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=0.9, help="Share of instructions in the validation split (hf; default 0.1)."
+        ),
+    ] = None,
+    license_id: Annotated[
+        str | None,
+        typer.Option("--license", help="License in the card (hf; default: the seeds' license, or unknown)."),
+    ] = None,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Also upload the folder to this Hub dataset repository (hf).")
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repository private.")] = False,
     store: StoreOption = None,
 ) -> None:
-    """Write fine-tuning data from committed rounds as jsonl (with provenance), alpaca or sft rows."""
-    from tasks.export import ExportError, TemplateError, write_export
+    """Write fine-tuning data from committed rounds: jsonl (with provenance), alpaca (one JSON array),
+    sft (prompt/completion), messages (conversations for chat fine-tuning), or a Hugging Face dataset
+    folder (Parquet splits and a dataset card) with --to DIR or --format hf."""
+    from tasks.export import ExportError, TemplateError, check_export_path, write_export
     from tasks.seeds import SeedFileError
 
-    store_obj = open_store(load_settings(store))
+    target, chosen_format = _export_target(out, fmt, to)
+    hf_only = {
+        "--validation-fraction": validation_fraction is not None,
+        "--license": license_id is not None,
+        "--push-to-hub": push_to_hub is not None,
+        "--private": private,
+    }
+    if chosen_format is not Format.hf:
+        for flag, given in hf_only.items():
+            if given:
+                fail(f"{flag} only applies to a dataset folder (--to DIR or --format hf)")
+    if system_prompt is not None and chosen_format is not Format.messages:
+        fail("--system-prompt only applies to --format messages")
     try:
-        result = write_export(store_obj, out, fmt.value, rounds, include_seeds, seeds, max_instances, seed)
+        # Before the store is opened: a wrong name costs nothing.
+        if chosen_format is Format.hf:
+            _check_folder_target(target)
+        else:
+            check_export_path(target, _row_format(chosen_format))
+    except ExportError as error:
+        fail(str(error))
+    store_obj = open_store_or_fail(load_settings(store))
+    if chosen_format is Format.hf:
+        _export_folder(
+            store_obj,
+            target,
+            _rounds_or_fail(store_obj, rounds),
+            include_seeds,
+            seeds,
+            max_instances,
+            seed,
+            0.1 if validation_fraction is None else validation_fraction,
+            license_id,
+            push_to_hub,
+            private,
+        )
+        return
+    try:
+        result = write_export(
+            store_obj,
+            target,
+            _row_format(chosen_format),
+            rounds,
+            include_seeds,
+            seeds,
+            max_instances,
+            seed,
+            system_prompt,
+        )
     except (ExportError, SeedFileError, TemplateError) as error:
         fail(f"{error} (store {_where(store_obj)})" if isinstance(error, ExportError) else str(error))
         raise
-    stats = result.stats
-    table = Table(title=f"Export ({fmt.value})")
+    _print_sources(f"Export ({chosen_format.value})", result.stats)
+    console.print(f"[green]wrote {result.rows} rows[/] to {result.path} (sha256 {result.sha256[:12]})")
+
+
+def _row_format(fmt: Format) -> ExportFormat:
+    """The export format of a file (every Format but hf)."""
+    formats: dict[Format, ExportFormat] = {
+        Format.jsonl: "jsonl",
+        Format.alpaca: "alpaca",
+        Format.sft: "sft",
+        Format.messages: "messages",
+    }
+    return formats[fmt]
+
+
+def _export_target(out: Path | None, fmt: Format | None, to: Path | None) -> tuple[Path, Format]:
+    """Where an export goes and in which format, from OUT, --format and --to (or a one-line error)."""
+    if to is not None:
+        if out is not None:
+            fail("give either OUT or --to DIR, not both")
+        if fmt not in (None, Format.hf):
+            fail(f"--to writes a dataset folder (--format hf), not --format {fmt}")
+        return to, Format.hf
+    if out is None:
+        fail("give the file to write (OUT), or --to DIR for a dataset folder")
+        raise AssertionError  # fail() exits
+    return out, fmt or Format.jsonl
+
+
+def _check_folder_target(folder: Path) -> None:
+    from tasks.dataset import check_target
+    from tasks.export import ExportError
+
+    if folder.suffix.lower() in (".json", ".jsonl", ".parquet"):
+        raise ExportError(
+            f"{folder}: --format hf writes a folder; give a folder name, not a {folder.suffix} file"
+        )
+    check_target(folder)
+
+
+def _export_folder(
+    store_obj: Any,
+    folder: Path,
+    chosen: list[int],
+    include_seeds: bool,
+    seeds: Path | None,
+    max_instances: int,
+    seed: int,
+    validation_fraction: float,
+    license_id: str | None,
+    push_to_hub: str | None,
+    private: bool,
+) -> None:
+    """`export --to DIR`: the dataset folder, a summary, and the optional upload."""
+    from tasks.dataset import DatasetSpec, build_dataset_folder
+    from tasks.dataset import push_to_hub as push
+    from tasks.export import ExportError, TemplateError
+    from tasks.seeds import SeedFileError
+
+    spec = DatasetSpec(
+        rounds=chosen,
+        include_seeds=include_seeds,
+        seeds_path=seeds,
+        max_instances=max_instances,
+        seed=seed,
+        validation_fraction=validation_fraction,
+    )
+    try:
+        result = build_dataset_folder(store_obj, spec, folder, license_id)
+    except (ExportError, SeedFileError, TemplateError) as error:
+        fail(f"{error} (store {_where(store_obj)})" if isinstance(error, ExportError) else str(error))
+        raise
+    _print_sources("Export (dataset folder)", result.stats)
+    splits = ", ".join(f"{name} {rows}" for name, rows in result.rows.items())
+    console.print(f"[green]wrote {splits} rows[/] and a dataset card to {result.path}")
+    console.print(
+        f"data fingerprint {result.fingerprint[:16]}; "
+        f"load it with datasets.load_dataset({str(result.path)!r})"
+    )
+    if push_to_hub:
+        try:
+            url = push(result.path, push_to_hub, private)
+        except ImportError:
+            fail("--push-to-hub needs the huggingface_hub package (pip install huggingface_hub)", code=1)
+        except Exception as error:  # network, auth, a repository we may not write to
+            fail(f"upload to {push_to_hub} failed: {type(error).__name__}: {error}", code=1)
+        console.print(f"uploaded to {url}")
+
+
+def _print_sources(title: str, stats: Any) -> None:
+    """Rows per source and what was dropped, for both kinds of export."""
+    table = Table(title=title)
     table.add_column("source")
     table.add_column("rows", justify="right")
     for source, count in stats.rows_per_source.items():
@@ -80,7 +251,6 @@ def export(
         f"dropped: {stats.duplicates} duplicates, {stats.over_cap} over --max-instances, "
         f"{stats.empty_output} with empty output"
     )
-    console.print(f"[green]wrote {result.rows} rows[/] to {result.path} (sha256 {result.sha256[:12]})")
 
 
 def finetune(
@@ -98,6 +268,18 @@ def finetune(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Build the data and manifest; do not train.")
     ] = False,
+    lora_r: Annotated[int, typer.Option(min=1, max=1024, help="LoRA rank.")] = 16,
+    vllm_url: Annotated[
+        str | None,
+        typer.Option(help="vLLM server (…/v1) to register the adapter with, under the fine-tune id."),
+    ] = None,
+    vllm_adapter_path: Annotated[
+        str | None,
+        typer.Option(help="The adapter folder as the vLLM server sees it (default: a local copy)."),
+    ] = None,
+    vllm_max_lora_rank: Annotated[
+        int, typer.Option(min=1, max=1024, help="The vLLM server's --max-lora-rank; checked before training.")
+    ] = 16,
     store: StoreOption = None,
 ) -> None:
     """Fine-tune a LoRA adapter on committed rounds (the `finetune` flow); prints its losses."""
@@ -106,7 +288,7 @@ def finetune(
     from schemas.training import FinetuneParams
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     chosen = _rounds_or_fail(store_obj, rounds)
     try:
         params = FinetuneParams(
@@ -118,31 +300,49 @@ def finetune(
             lr=lr,
             batch_size=batch_size,
             dry_run=dry_run,
+            lora_r=lora_r,
+            vllm_url=vllm_url,
+            vllm_adapter_path=vllm_adapter_path,
+            vllm_max_lora_rank=vllm_max_lora_rank,
         )
     except ValidationError as error:
         first = error.errors()[0]
-        fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+        if first["loc"]:
+            fail(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+        fail(str(first["msg"]).removeprefix("Value error, "))
         raise
     prepare_prefect_env(local_data_dir(settings))
 
     from flows.finetune import finetune as finetune_flow
+    from selfinstruct.progress import terminal_progress
 
     try:
-        summary = finetune_flow(params)
+        with terminal_progress(console):
+            summary = finetune_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"fine-tune failed: {error}", code=1)
-        raise
     table = Table(title=f"Fine-tune {summary['finetune_id']}" + (" (dry run)" if dry_run else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows: Any = summary["rows"]
     table.add_row("rounds", ", ".join(map(str, chosen)))
     table.add_row("train / validation rows", f"{rows['train']} / {rows['validation']}")
+    table.add_row("dataset fingerprint", str(summary.get("dataset_fingerprint") or "-")[:16])
     for key in ("eval_loss_before", "eval_loss_after"):
         value = summary[key]
         table.add_row(key.replace("_", " "), "-" if value is None else f"{value:.4f}")
     console.print(table)
-    console.print(f"stored at {store_obj.location_of('finetunes/' + str(summary['finetune_id']))}")
+    location = store_obj.location_of(f"finetunes/{summary['finetune_id']}")
+    console.print(f"stored at {location}; trained on the dataset folder {location}/dataset")
+    if vllm_url and not dry_run:
+        from tasks.store import redact_url
+
+        console.print(
+            f"registered on {redact_url(vllm_url)} as {summary['finetune_id']}: generate with it with "
+            f"`selfinstruct run --adapter {summary['finetune_id']}` (or --adapter latest)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def evaluate(
@@ -192,7 +392,7 @@ def evaluate(
     from tasks.seeds import SeedFileError
 
     settings = load_settings(store)
-    store_obj = open_store(settings)
+    store_obj = open_store_or_fail(settings)
     if compare and finetune_id is not None:
         fail("--compare trains its own two fine-tunes: drop --finetune-id")
     chosen = _rounds_or_fail(store_obj, rounds) if compare else []
@@ -230,10 +430,12 @@ def evaluate(
 
     from flows.evaluate import evaluate as evaluate_flow
     from schemas.training import AnswerScores
+    from selfinstruct.progress import terminal_progress
     from tasks.evaluate import score_columns
 
     try:
-        summary = evaluate_flow(params)
+        with terminal_progress(console):
+            summary = evaluate_flow(params)
     except Exception as error:  # the flow already logged the traceback
         fail(f"evaluation failed: {error}", code=1)
         raise

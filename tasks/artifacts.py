@@ -12,10 +12,12 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from schemas import InstanceRecord, InstructionRecord, RoundManifest
-from tasks.store import Store, redact_url
+from tasks.redact import redact_url
+from tasks.store import Store
 
 COUNTS_KEY = "selfinstruct-round-counts"
 SAMPLES_KEY = "selfinstruct-round-samples"
@@ -95,7 +97,7 @@ def name_flow_run(name: str) -> None:
         client.update_flow_run(flow_run.id, name=name)
 
 
-@task(name="publish-round")
+@task(name="publish-round", cache_policy=NO_CACHE)  # its inputs are a store and a round's records
 def publish_round(
     store: Store,
     manifest: RoundManifest,
@@ -134,10 +136,10 @@ class ProgressArtifact:
         assert isinstance(created, UUID)  # the sync API: flows here are synchronous
         self.artifact_id = created
 
-    def callback(self, stage: str) -> Callable[[int, int], None]:
-        """An `on_progress(done, total)` callback for one generation stage."""
+    def callback(self, stage: str) -> Callable[[int, int, int], None]:
+        """An `on_progress(done, total, tokens)` callback for one generation stage (tokens are not shown)."""
 
-        def report(done: int, total: int) -> None:
+        def report(done: int, total: int, tokens: int = 0) -> None:
             percent = 100.0 * done / total if total else 100.0
             update_progress_artifact(self.artifact_id, percent, description=f"{self.description}: {stage}")
 

@@ -285,6 +285,11 @@ class PoolIndex:
         """Number of distinct tokens seen so far; the next new token gets this id."""
         return len(self._tokens)
 
+    @property
+    def longest(self) -> int:
+        """Token count of the longest instruction in the index (0 when empty)."""
+        return max(self._lens, default=0)
+
     def token_ids(self, position: int) -> list[int]:
         """Token ids of the instruction at `position`."""
         return _join([self._seqs[position]])[1].tolist()
@@ -446,7 +451,7 @@ class PoolIndex:
         self._hot_basis = len(self)
         self._blocks.clear()
 
-    def _scoring_view(self, texts: Sequence[str]) -> tuple[list[_Block], list[str]]:
+    def scoring_view(self, texts: Sequence[str]) -> tuple[list[_Block], list[str]]:
         """The pool as blocks and `texts` as token sequences, both in the scoring alphabet.
 
         Full blocks are cached; the last partial one is rebuilt as it grows. The hot tokens are chosen again
@@ -813,9 +818,9 @@ def deduplicate(
     if not candidates:
         return []
     k = max(top_k, 1) if lineage else 1
-    blocks, seqs = index._scoring_view(candidates)
+    blocks, seqs = index.scoring_view(candidates)
     cands = _Candidates(seqs, np.array([len(s) for s in seqs], dtype=np.int64))
-    width = max(max(index._lens, default=0), int(cands.lens.max(initial=0))) + 1
+    width = max(index.longest, int(cands.lens.max(initial=0))) + 1
     with ExitStack() as stack:
         executor = stack.enter_context(ThreadPoolExecutor(max_workers=threads)) if threads > 1 else None
         if dask_address is not None and blocks:
@@ -844,8 +849,8 @@ def rouge_l_scores(
     """
     index = PoolIndex.empty(tokenizer)
     index.add([""] * len(predictions), list(predictions))
-    rows = index.encode(targets)
+    rows, cols = index.encode(targets), index.encode(predictions)
     m = np.array([len(s) for s in rows], dtype=np.int64)
-    n = np.array(index._lens, dtype=np.int64)
-    lcs = cdist(rows, index._seqs, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
+    n = np.array([len(s) for s in cols], dtype=np.int64)
+    lcs = cdist(rows, cols, scorer=LCSseq.similarity, dtype=np.int32, workers=-1)
     return rouge_l_fmeasure(lcs, m[:, None], n[None, :])

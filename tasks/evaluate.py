@@ -25,17 +25,18 @@ from schemas import SeedTask
 from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, Rating, TaskAnswers
 from tasks.export import template_by_name
 from tasks.finetune import (
-    FINETUNES,
     FinetuneError,
     latest_finetune,
     load_base_model,
-    open_store,
     read_finetune_manifest,
     set_torch_threads,
 )
 from tasks.judge import RATING_TEMPLATE, build_rating_prompt, parse_rating, prompt_version
+from tasks.progress import ProgressUpdate, report
+from tasks.redact import redact_url
 from tasks.scores import acceptable, format_interval, mean_interval, rating_counts, task_groups
-from tasks.store import Store, redact_url
+from tasks.secrets import run_settings
+from tasks.store import FINETUNES, Store, open_store
 
 DEFAULT_HELDOUT = Path(__file__).resolve().parent.parent / "seeds" / "heldout_tasks.jsonl"
 EVALUATIONS = "evaluations"
@@ -222,9 +223,16 @@ def evaluation_id(finetune_id: str, key: str) -> str:
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Greedy answers to `prompts`, batched with left padding (prompts of similar length batched together).
+
+    `on_progress(answered, total)` is called after each batch, when given.
 
     Returns:
         The decoded new tokens of each prompt, stripped, in the order of `prompts`.
@@ -252,6 +260,8 @@ def generate_answers(
                 chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
             ):
                 answers[i] = text.strip()
+            if on_progress is not None:
+                on_progress(len(answers), len(prompts))
     return [answers[i] for i in range(len(prompts))]
 
 
@@ -264,6 +274,15 @@ def load_finetuned(base_model: str | None, adapter_dir: Path) -> tuple[Any, Any]
 
 
 # -- the evaluation -------------------------------------------------------------------------------------
+
+
+def _answered_progress(key: str) -> Callable[[int, int], None]:
+    """Terminal progress of one model's answers (tasks answered of all), for `generate_answers`."""
+
+    def hook(done: int, total: int) -> None:
+        report(ProgressUpdate(key, done=done, total=total, unit="tasks"))
+
+    return hook
 
 
 def evaluate_finetune(
@@ -309,7 +328,12 @@ def evaluate_finetune(
             )
             prompts = build_prompts(tasks, params.prompt_format, params.template, tokenizer)
             answers[name] = generate_answers(
-                model, tokenizer, [p.prompt for p in prompts], params.max_new_tokens, params.batch_size
+                model,
+                tokenizer,
+                [p.prompt for p in prompts],
+                params.max_new_tokens,
+                params.batch_size,
+                _answered_progress(f"evaluate {name}"),
             )
             del model  # one copy of the weights at a time
             if log is not None:
@@ -410,7 +434,7 @@ def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | in
 @task(name="resolve-finetune", cache_policy=NO_CACHE)
 def resolve_finetune_task(params: EvaluateParams) -> str:
     """The fine-tune to evaluate: the one asked for, else the newest trained one."""
-    store = open_store(params.store_url)
+    store = open_store(params.store_url, run_settings())
     if params.finetune_id is not None:
         read_finetune_manifest(store, params.finetune_id)  # fails clearly when unknown
         return params.finetune_id
@@ -427,13 +451,12 @@ def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
     from contextlib import AbstractContextManager, nullcontext
     from functools import partial
 
-    from schemas import Settings
     from tasks.judge import RATING_SAMPLING, judge_completions
     from tasks.steps import llm_endpoints
 
     logger = get_run_logger()
-    store = open_store(params.store_url)
-    settings = Settings()
+    settings = run_settings()
+    store = open_store(params.store_url, settings)
     # An embedded judge keeps its files under the store, as the bootstrap's embedded server does.
     settings = settings.model_copy(update={"store_url": params.store_url or settings.store_url})
     model = params.judge_model or settings.model
@@ -471,7 +494,7 @@ def publish_evaluation_task(store_url: str | None, result: EvaluationResult) -> 
     """Table artifact comparing base and fine-tuned; returns the result's store location."""
     from prefect.artifacts import create_table_artifact
 
-    store = open_store(store_url)
+    store = open_store(store_url, run_settings())
     location = store.location_of(f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}")
     create_table_artifact(
         table=comparison_rows(result),

@@ -22,11 +22,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.artifacts import store_resource_id, store_root_url
-from tasks.store import Store, StoreError
+from tasks.store import FINETUNES, Store, StoreError
 
 DATA_READY = "selfinstruct.data.ready"
 STATE_FILE = "state/data_ready.json"
-FINETUNES = "finetunes"
 # Fixed namespace so that the same data state of the same store always maps to the same event id.
 EVENT_NAMESPACE = uuid.UUID("5e1f1257-7c1a-4b8e-9d7e-0d6a7a2f3b11")
 

@@ -10,7 +10,13 @@ prompt and is followed by a newline, so a prompt always ends with "\\n" and the 
 on a fresh line; the last line must not be blank (see `parse_template`). `{instruction}` and `{input}` are
 replaced in one pass, so braces in the data stay as they are.
 
-Everything here is pure except `write_export`, which reads the store and writes one JSONL file.
+Formats (`to_rows`, `encode_rows`): `jsonl` (JSON Lines with provenance), `alpaca` (one JSON array of
+instruction/input/output, as Alpaca's own data file), `sft` (JSON Lines of prompt/completion, rendered with
+the templates) and `messages` (JSON Lines of conversations: an optional system turn, the user's instruction
+and input, the assistant's output). The file name must end as its content: `.json` for alpaca, `.jsonl` for
+the others. The Hugging Face dataset folder is built in tasks/dataset.py from the same examples.
+
+Everything here is pure except `write_export`, which reads the store and writes one file.
 """
 
 import hashlib
@@ -349,14 +355,36 @@ def template_for(example: Example, templates: Sequence[SftTemplate], seed: int) 
     return templates[random.Random(f"{seed}:template:{example.id}").randrange(len(templates))]
 
 
+def user_turn(instruction: str, input_text: str) -> str:
+    """The user's message of a conversation: the instruction, then the input after a blank line if any."""
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
+def to_messages(example: Example, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """One example as a conversation: optional system turn, user (instruction + input), assistant (output)."""
+    turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        *turns,
+        {"role": "user", "content": user_turn(example.instruction, example.input)},
+        {"role": "assistant", "content": example.output},
+    ]
+
+
 def to_rows(
-    examples: Iterable[Example], fmt: ExportFormat, seed: int, templates: Sequence[SftTemplate] | None = None
+    examples: Iterable[Example],
+    fmt: ExportFormat,
+    seed: int,
+    templates: Sequence[SftTemplate] | None = None,
+    system_prompt: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of the export format.
 
     `jsonl`: instruction, input, output, is_classification, round (0 = seed), id. `alpaca`: instruction,
     input, output. `sft`: prompt, completion, with the prompt rendered by a seeded choice of template.
+    `messages`: a conversation under "messages" (see `to_messages`; `system_prompt` only applies here).
     """
+    if fmt == "messages":
+        return [{"messages": to_messages(e, system_prompt)} for e in examples]
     if fmt == "jsonl":
         return [
             {
@@ -377,12 +405,44 @@ def to_rows(
             {"prompt": template_for(e, chosen, seed).render(e.instruction, e.input), "completion": e.output}
             for e in examples
         ]
-    raise ExportError(f"unknown export format {fmt!r} (use jsonl, alpaca or sft)")
+    raise ExportError(f"unknown export format {fmt!r} (use jsonl, alpaca, sft or messages)")
 
 
 def jsonl_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
     """Rows as UTF-8 JSON Lines, one object per line, keys in row order (the bytes that get checksummed)."""
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def json_array_bytes(rows: Iterable[dict[str, Any]]) -> bytes:
+    """Rows as one UTF-8 JSON array (what `json.load` and Alpaca's tooling read), one object per line."""
+    body = ",\n".join("  " + json.dumps(row, ensure_ascii=False) for row in rows)
+    return ("[\n" + body + "\n]\n" if body else "[]\n").encode("utf-8")
+
+
+# The file suffix each format's content needs: alpaca is one JSON array, the others JSON Lines.
+SUFFIXES: dict[str, str] = {"jsonl": ".jsonl", "alpaca": ".json", "sft": ".jsonl", "messages": ".jsonl"}
+
+
+def encode_rows(rows: Sequence[dict[str, Any]], fmt: ExportFormat) -> bytes:
+    """The bytes of an export file of format `fmt`."""
+    return json_array_bytes(rows) if SUFFIXES[fmt] == ".json" else jsonl_bytes(rows)
+
+
+def check_export_path(out: Path, fmt: ExportFormat) -> None:
+    """Refuse a file name whose suffix does not say what `fmt` writes into it.
+
+    Raises:
+        ExportError: When the suffix differs from `SUFFIXES[fmt]`, or `out` is a folder.
+    """
+    wanted = SUFFIXES[fmt]
+    if out.suffix.lower() != wanted:
+        others = sorted(f for f, suffix in SUFFIXES.items() if suffix == out.suffix.lower())
+        names = ", ".join(others[:-1]) + " or " + others[-1] if len(others) > 1 else "".join(others)
+        hint = f" ({out.suffix} is for --format {names})" if others else ""
+        what = "one JSON array" if wanted == ".json" else "JSON Lines"
+        raise ExportError(f"{out}: --format {fmt} writes {what}, so the file name must end in {wanted}{hint}")
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder; give a file name ending in {wanted}")
 
 
 # -- I/O ------------------------------------------------------------------------------------------------
@@ -402,33 +462,37 @@ def write_export(
     seeds_path: Path | None = None,
     max_instances: int = 5,
     seed: int = 42,
+    system_prompt: str | None = None,
 ) -> ExportResult:
-    """Export committed rounds of `store` to the JSONL file `out`; nothing is written on error.
+    """Export committed rounds of `store` to the file `out`; nothing is written on error.
 
     Args:
         store: The round store.
-        out: The JSONL file to write (its folder is created).
-        fmt: jsonl, alpaca or sft.
+        out: The file to write (its folder is created); `.json` for alpaca, `.jsonl` for the others.
+        fmt: jsonl, alpaca, sft or messages.
         rounds: A round spec for `select_rounds` ("2:5"); None = every committed round.
         include_seeds: Also export the seed tasks.
         seeds_path: Seed file; None = the seeds we ship.
         max_instances: Instances per instruction at most. 5, the cap of instance generation, keeps them all,
             as the paper did (82K instances of 52K instructions).
         seed: Seeds the instance cap, template choice and shuffle.
+        system_prompt: System turn of every conversation (messages format only).
 
     Raises:
-        ExportError: When the store has no such rounds or the export would be empty.
+        ExportError: When the file name does not fit the format, the store has no such rounds or the export
+            would be empty.
         tasks.seeds.SeedFileError: When the seed file is invalid.
     """
     from tasks.seeds import load_seeds
 
+    check_export_path(out, fmt)
     chosen = select_rounds(rounds, store.committed_rounds())
     seed_tasks = load_seeds(seeds_path)[0] if include_seeds else None
     instructions, instances = read_round_tables(store, chosen)
     examples, stats = prepare_examples(instructions, instances, seed_tasks, max_instances, seed)
     if not examples:
         raise ExportError(f"rounds {format_rounds(chosen)} hold no usable instances; nothing written")
-    data = jsonl_bytes(to_rows(examples, fmt, seed))
+    data = encode_rows(to_rows(examples, fmt, seed, system_prompt=system_prompt), fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     return ExportResult(

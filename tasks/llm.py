@@ -11,7 +11,6 @@ the prompt itself; per-prompt seeds work too but then every batch holds a single
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import hashlib
@@ -28,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 from prefect import get_run_logger, task
@@ -39,16 +38,35 @@ from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
 from schemas.records import Stage
+from tasks.redact import redact_url
 
-ProgressCallback = Callable[[int, int], None]
+# on_progress(done, total, tokens): requests done of total, and completion tokens the server has generated so
+# far in this call (cached completions count as done but add no tokens, so tokens/s stays a real rate).
+ProgressCallback = Callable[[int, int, int], None]
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of a cached completion changes (e.g. what the request body carries).
-_KEY_VERSION = 1
+# 2: top_k, min_p and repetition_penalty are sent with every request.
+_KEY_VERSION = 2
 # HTTP statuses worth retrying: overload, rate limits, server faults. Every other 4xx is the caller's fault.
 _RETRY_STATUSES = frozenset({408, 429})
+# 501 Not Implemented is what vLLM answers for a feature it lacks (NotImplementedError in
+# entrypoints/serve/exception_handling/error_response.py `create_error_response`): the same every time.
+_PERMANENT_5XX = frozenset({501})
+# 400 messages that blame one prompt rather than the request: vLLM's context-length checks
+# (renderers/params.py `TokenizeParams._token_len_check` / `_text_len_check`, v1/engine/input_processor.py),
+# and llama.cpp's.
+_PROMPT_REJECTIONS: tuple[tuple[str, str], ...] = (
+    ("maximum context length", "prompt_too_long"),
+    ("longer than the maximum model length", "prompt_too_long"),
+    ("exceeds the available context size", "prompt_too_long"),
+)
+# Single-prompt requests in flight at once when a refused batch is sent again prompt by prompt.
+_ALONE_IN_FLIGHT = 8
+# Every `CompletionRecord.rejected` value.
+REFUSAL_REASONS = frozenset({"prompt_too_long", "rejected_by_server"})
 _MAX_ERROR_CHARS = 500
 _REQUESTS_PER_POOL = 8
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -87,11 +105,13 @@ class LLMError(Exception):
     Attributes:
         retryable: False when the server rejected the request itself (a 4xx such as an unknown model), so
             retrying the same request later cannot help; True when retries were exhausted on transient faults.
+        status: The HTTP status of a rejection; None for transient faults.
     """
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.status = status
 
 
 class _TransientError(Exception):
@@ -125,14 +145,10 @@ def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | 
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def redact_url(url: str) -> str:
-    """Return `url` without user info, query or fragment, which is where credentials hide in a URL."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+def rejection_reason(message: str) -> str | None:
+    """The stable reason for a 400 that blames one prompt (e.g. `prompt_too_long`), or None."""
+    lowered = message.lower()
+    return next((reason for marker, reason in _PROMPT_REJECTIONS if marker in lowered), None)
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -181,6 +197,7 @@ class OpenAICompletionClient:
         *,
         max_in_flight: int | None = None,
         max_backoff_s: float = 30.0,
+        token_ids: bool = False,
     ) -> None:
         """Create the client; no connection is made until the first request.
 
@@ -195,6 +212,8 @@ class OpenAICompletionClient:
             max_in_flight: Cap on HTTP requests in flight across every caller sharing this client
                 (None: only the callers' own concurrency limits apply).
             max_backoff_s: Longest wait between two attempts, also the cap on a server's Retry-After.
+            token_ids: Ask for the token ids of every prompt and completion (vLLM's `return_token_ids`), so
+                that each record carries exact token counts instead of a share of the request's usage.
         """
         if not base_urls:
             raise ValueError("no LLM base URL given: start the embedded server or set SELFINSTRUCT_LLM_URL")
@@ -204,6 +223,7 @@ class OpenAICompletionClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.token_ids = token_ids
         self._in_flight = dict.fromkeys(self.base_urls, 0)
         self._tie_break = itertools.count()
         self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
@@ -221,12 +241,15 @@ class OpenAICompletionClient:
         self._ssl: ssl.SSLContext | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, base_urls: list[str]) -> OpenAICompletionClient:
+    def from_settings(
+        cls, settings: Settings, base_urls: list[str], *, max_in_flight: int | None = None
+    ) -> OpenAICompletionClient:
         """Build a client from the infrastructure settings.
 
         Args:
             settings: Model name, API key, timeout and retry count come from here.
             base_urls: The servers to use (the embedded server's URL, or `settings.llm_urls()`).
+            max_in_flight: Cap on HTTP requests in flight across the client's callers (None: no cap).
         """
         return cls(
             base_urls,
@@ -234,6 +257,8 @@ class OpenAICompletionClient:
             api_key=settings.api_key,
             timeout_s=settings.llm_timeout_s,
             max_retries=settings.llm_max_retries,
+            token_ids=settings.llm_token_ids,
+            max_in_flight=max_in_flight,
         )
 
     def in_flight(self) -> dict[str, int]:
@@ -317,11 +342,19 @@ class OpenAICompletionClient:
             "max_tokens": params.max_tokens,
             "frequency_penalty": params.frequency_penalty,
             "presence_penalty": params.presence_penalty,
+            # Sent even at their neutral values: vLLM fills every field a request leaves out from the model's
+            # generation_config.json (completion/protocol.py `to_sampling_params`), which would make the
+            # sampling differ from what the cache key records.
+            "top_k": params.top_k,
+            "min_p": params.min_p,
+            "repetition_penalty": params.repetition_penalty,
         }
         if params.stop:
             body["stop"] = list(params.stop)
         if seed is not None:
             body["seed"] = seed
+        if self.token_ids:
+            body["return_token_ids"] = True
         return body
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
@@ -361,8 +394,11 @@ class OpenAICompletionClient:
             latency = time.perf_counter() - start
         choices = self._match_choices(data, len(prompts))
         usage: dict[str, Any] = data["usage"] if isinstance(data.get("usage"), dict) else {}
-        prompt_tokens = _as_count(usage.get("prompt_tokens"))
-        reported = [_choice_tokens(c) for c in choices]
+        prompt_counts = [_id_count(c, "prompt_token_ids") for c in choices]
+        per_prompt = [n for n in prompt_counts if n is not None]
+        if len(per_prompt) != len(choices):
+            per_prompt = [_as_count(usage.get("prompt_tokens"))] * len(choices)
+        reported = [_first_count(_id_count(c, "token_ids"), _choice_tokens(c)) for c in choices]
         per_choice = [n for n in reported if n is not None]
         if len(per_choice) != len(choices):
             # Servers report one total per request; spread it so that the records add up to it.
@@ -377,15 +413,35 @@ class OpenAICompletionClient:
                 prompt=prompt,
                 text=_encodable(choice["text"]),
                 finish_reason=choice.get("finish_reason"),
-                prompt_tokens=prompt_tokens,
+                prompt_tokens=n_prompt,
                 completion_tokens=n,
                 latency_s=latency,
                 model=self.model,
                 base_url=public_url,
                 seed=seed,
             )
-            for prompt, choice, n in zip(prompts, choices, per_choice, strict=True)
+            for prompt, choice, n, n_prompt in zip(prompts, choices, per_choice, per_prompt, strict=True)
         ]
+
+    def refused(
+        self, prompt: str, params: SamplingParams, seed: int | None, stage: Stage, reason: str
+    ) -> CompletionRecord:
+        """The record of a prompt the server refused: no text, `rejected` set to `reason`."""
+        return CompletionRecord(
+            key=completion_key(self.model, prompt, params, seed),
+            stage=stage,
+            request_id="",
+            prompt=prompt,
+            text="",
+            finish_reason=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            latency_s=0.0,
+            model=self.model,
+            base_url="",
+            seed=seed,
+            rejected=reason,
+        )
 
     async def _post(self, url: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         try:
@@ -400,7 +456,7 @@ class OpenAICompletionClient:
         except httpx.RequestError as exc:
             raise _TransientError(f"{redact_url(url)}: {type(exc).__name__}: {exc}") from None
         status = response.status_code
-        if status in _RETRY_STATUSES or status >= 500:
+        if status in _RETRY_STATUSES or (status >= 500 and status not in _PERMANENT_5XX):
             raise _TransientError(
                 f"{redact_url(url)} answered HTTP {status}: {_error_text(response)}", _retry_after(response)
             )
@@ -410,6 +466,7 @@ class OpenAICompletionClient:
                     f"{redact_url(url)} rejected the request (HTTP {status}): {_error_text(response)}"
                 ),
                 retryable=False,
+                status=status,
             )
         try:
             data = response.json()
@@ -463,6 +520,16 @@ def _as_count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _id_count(choice: dict[str, Any], field: str) -> int | None:
+    """Length of a choice's list of token ids (vLLM's `token_ids` / `prompt_token_ids`), when it has one."""
+    ids = choice.get(field)
+    return len(ids) if isinstance(ids, list) else None
+
+
+def _first_count(*counts: int | None) -> int | None:
+    return next((n for n in counts if n is not None), None)
+
+
 def _choice_tokens(choice: dict[str, Any]) -> int | None:
     """Completion tokens of one choice, for servers that report them per choice."""
     usage = choice.get("usage")
@@ -506,13 +573,16 @@ async def generate(
         cache: Looked up first, and written after every HTTP request; None disables caching.
         batch_size: Prompts per HTTP request.
         concurrency: HTTP requests in flight at most (for this call).
-        on_progress: Called as `(done, total)` in requests, once after the cache lookup and after each batch.
+        on_progress: Called as `(done, total, tokens)`: requests, once after the cache lookup and after each
+            batch, and the completion tokens generated by the server so far in this call.
 
     Returns:
         One record per request, in request order, cached ones included (their `stage` is the request's).
 
     Raises:
-        LLMError: A batch failed for good; the other batches are cancelled, finished ones stay cached.
+        LLMError: A batch failed for good; the other batches are cancelled, finished ones stay cached. A batch
+            the server refuses with a 400 is first retried prompt by prompt (see `complete_isolating`): only
+            the prompts it still refuses come back as records with `rejected` set.
     """
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch_size and concurrency must be at least 1")
@@ -530,22 +600,26 @@ async def generate(
     batches = deque(_plan_batches(list(todo.values()), batch_size))
     total = len(requests)
     done = sum(multiplicity[k] for k in results)
+    tokens = 0
     if on_progress is not None:
-        on_progress(done, total)
+        on_progress(done, total, tokens)
 
     async def worker() -> None:
-        nonlocal done
+        nonlocal done, tokens
         while batches:
             seed, stage, prompts = batches.popleft()
-            records = await client.complete(prompts, params, seed, stage)
+            records = await complete_isolating(client, prompts, params, seed, stage)
             fresh = [r for r in records if r.key not in results]
             for r in fresh:
                 results[r.key] = r
-            if cache is not None and fresh:
-                cache.put_many(fresh)
+            # A refused prompt is not cached: a rerun against a server with a longer context may serve it.
+            answered = [r for r in fresh if r.rejected is None]
+            if cache is not None and answered:
+                cache.put_many(answered)
             done += sum(multiplicity[r.key] for r in fresh)
+            tokens += sum(r.completion_tokens for r in fresh)
             if on_progress is not None:
-                on_progress(done, total)
+                on_progress(done, total, tokens)
 
     await _run_all([worker() for _ in range(min(concurrency, len(batches)))])
 
@@ -554,6 +628,63 @@ async def generate(
         record = results[k]
         out.append(record if record.stage == r.stage else record.model_copy(update={"stage": r.stage}))
     return out
+
+
+async def complete_isolating(
+    client: OpenAICompletionClient, prompts: list[str], params: SamplingParams, seed: int | None, stage: Stage
+) -> list[CompletionRecord]:
+    """`client.complete`, but a 400 for the whole batch does not lose the batch.
+
+    vLLM refuses a whole request when one of its prompts does not fit the context. The batch is then sent
+    again one prompt per request; a prompt still refused comes back as a record with `rejected` set to the
+    reason (`prompt_too_long`, or `rejected_by_server` for a 400 of unknown cause), and the others complete.
+
+    Raises:
+        LLMError: Any other failure; or a 400 that every prompt of the batch gets alone without a reason that
+            blames the prompt (a request-wide refusal, such as too many stop strings).
+    """
+    try:
+        return await client.complete(prompts, params, seed, stage)
+    except LLMError as error:
+        if error.status != 400:
+            raise
+        batch_error = error
+    if len(prompts) == 1:
+        outcomes: list[list[CompletionRecord] | LLMError] = [batch_error]
+    else:
+        limit = asyncio.Semaphore(_ALONE_IN_FLIGHT)
+        outcomes = list(
+            await asyncio.gather(*(_complete_alone(client, p, params, seed, stage, limit) for p in prompts))
+        )
+    refused = [o for o in outcomes if isinstance(o, LLMError)]
+    if len(refused) == len(prompts) and not any(rejection_reason(str(e)) for e in refused):
+        raise batch_error
+    records = []
+    for prompt, outcome in zip(prompts, outcomes, strict=True):
+        if isinstance(outcome, LLMError):
+            reason = rejection_reason(str(outcome)) or "rejected_by_server"
+            log.warning("prompt refused (%s): %s", reason, outcome)
+            records.append(client.refused(prompt, params, seed, stage, reason))
+        else:
+            records.extend(outcome)
+    return records
+
+
+async def _complete_alone(
+    client: OpenAICompletionClient,
+    prompt: str,
+    params: SamplingParams,
+    seed: int | None,
+    stage: Stage,
+    limit: asyncio.Semaphore,
+) -> list[CompletionRecord] | LLMError:
+    try:
+        async with limit:
+            return await client.complete([prompt], params, seed, stage)
+    except LLMError as error:
+        if error.status != 400:
+            raise
+        return error
 
 
 async def _run_all(coros: list[Coroutine[Any, Any, None]]) -> None:
@@ -588,13 +719,8 @@ class GenerationSession:
         self._thread.start()
 
         async def make() -> OpenAICompletionClient:
-            return OpenAICompletionClient(
-                base_urls,
-                settings.model,
-                api_key=settings.api_key,
-                timeout_s=settings.llm_timeout_s,
-                max_retries=settings.llm_max_retries,
-                max_in_flight=settings.llm_concurrency,
+            return OpenAICompletionClient.from_settings(
+                settings, base_urls, max_in_flight=settings.llm_concurrency
             )
 
         self.client = self.run(make())
@@ -632,20 +758,9 @@ class GenerationSession:
         self.close()
 
 
-def _retry_unless_rejected(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: a request the server rejected (4xx) fails the same way every time, and a
-    chunk cancelled because another chunk failed for good (`cancel_all`) must stop, not retry 10 s later."""
-    error = state.data
-    if isinstance(error, asyncio.CancelledError | concurrent.futures.CancelledError):
-        return False
-    return not (isinstance(error, LLMError) and not error.retryable)
-
-
 @task(
     name="generate-chunk",
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=_retry_unless_rejected,
+    # No task-level retries: the HTTP client is the one retry layer (see the docstring).
     # Inputs hold a cache object and an API key: never hash or persist them; the completion cache does the
     # caching that matters.
     cache_policy=NO_CACHE,
@@ -661,6 +776,11 @@ def generate_chunk(
 ) -> list[CompletionRecord]:
     """Prefect task: `generate` on one chunk of requests.
 
+    Retries: one layer, the HTTP client's. Each HTTP request is retried up to `settings.llm_max_retries`
+    times with backoff on transient faults (connection errors, timeouts, 408/429/5xx, malformed answers),
+    honouring Retry-After; a 4xx is never retried. This task itself does not retry (a task retry would
+    multiply the attempts); a round that still fails is rerun, and reuses every completion already cached.
+
     Args:
         requests: The chunk.
         params: Decoding parameters.
@@ -668,7 +788,7 @@ def generate_chunk(
         base_urls: The servers (used when no session is given).
         cache: Completion cache, or None.
         session: Shared loop and client of the round; None runs a private loop and client.
-        on_progress: Called as `(done, total)` for this chunk.
+        on_progress: Called as `(done, total, tokens)` for this chunk.
 
     Returns:
         One record per request, in order.
@@ -721,8 +841,9 @@ class _ProgressRelay:
     def __init__(self, callback: ProgressCallback, n_chunks: int, total: int) -> None:
         self._callback = callback
         self._chunk_done = [0] * n_chunks
+        self._chunk_tokens = [0] * n_chunks
         self._total = total
-        self._latest: tuple[int, int] | None = None
+        self._latest: tuple[int, int, int] | None = None
         self._closing = False
         self._wake = threading.Condition()
         # The caller's context carries Prefect's flow run and API settings into the relay thread.
@@ -735,11 +856,12 @@ class _ProgressRelay:
     def for_chunk(self, index: int) -> ProgressCallback:
         """The `on_progress` of one chunk; reports the sum over all chunks."""
 
-        def report(done: int, _total: int) -> None:
+        def report(done: int, _total: int, tokens: int = 0) -> None:
             with self._wake:
                 # Max, not assignment: a retried task run reports its chunk from zero again.
                 self._chunk_done[index] = max(self._chunk_done[index], done)
-                self._latest = (sum(self._chunk_done), self._total)
+                self._chunk_tokens[index] = max(self._chunk_tokens[index], tokens)
+                self._latest = (sum(self._chunk_done), self._total, sum(self._chunk_tokens))
                 self._wake.notify()
 
         return report
@@ -795,7 +917,7 @@ def generate_in_tasks(
         cache: Completion cache, or None.
         chunk_size: Requests per task run; default `llm_batch_size * llm_concurrency`, so the number of task
             runs grows with the number of batches, not prompts.
-        on_progress: Called as `(done, total)` over all requests, from the session's thread.
+        on_progress: Called as `(done, total, tokens)` over all requests, from a relay thread.
         model: Model name to use instead of `settings.model` (a round's `BootstrapConfig.model`).
         stage: What the requests are for (instructions, classification, instances): names the task runs.
 
@@ -843,14 +965,16 @@ def generate_in_tasks(
 
 
 __all__ = [
+    "REFUSAL_REASONS",
     "CompletionCache",
     "CompletionRequest",
     "GenerationSession",
     "LLMError",
     "OpenAICompletionClient",
+    "complete_isolating",
     "completion_key",
     "generate",
     "generate_chunk",
     "generate_in_tasks",
-    "redact_url",
+    "rejection_reason",
 ]

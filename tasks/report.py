@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 
 from schemas import RoundManifest
 from schemas.audit import AuditManifest
-from tasks.store import Store, redact_url
+from tasks.redact import redact_url
+from tasks.store import Store
 
 REPORT_KEY = "selfinstruct-round-report"
 REPORT_FILE = "report.html"

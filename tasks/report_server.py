@@ -13,8 +13,9 @@ import re
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tasks.redact import redact_url
 from tasks.report import REPORT_FILE
-from tasks.store import Store, StoreError, redact_url
+from tasks.store import Store, StoreError
 
 _REPORT_PATH = re.compile(r"^/rounds/round=(\d{5})/report\.html$")
 

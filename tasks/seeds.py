@@ -9,6 +9,9 @@ from pydantic import ValidationError
 from schemas import SeedTask
 
 DEFAULT_SEEDS = Path(__file__).resolve().parent.parent / "seeds" / "seed_tasks.jsonl"
+# The shipped seeds were written by this team and are licensed like the project (seeds/README.md); the
+# dataset card names this license for data grown from them.
+SEEDS_LICENSE = "apache-2.0"
 
 
 class SeedFileError(ValueError):

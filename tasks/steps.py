@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from schemas import (
     BootstrapConfig,
@@ -23,14 +24,15 @@ from schemas import (
     Settings,
     SimilarInstruction,
 )
+from schemas.records import Stage
 from tasks.classify import build_classify_prompt, parse_classification
 from tasks.dedup import deduplicate
 from tasks.filters import check_instruction, filter_instances
 from tasks.generate import build_instruction_prompt, parse_instructions, sample_in_context
 from tasks.instances import build_instance_prompt, parse_instances
-from tasks.llm import CompletionRequest
+from tasks.llm import REFUSAL_REASONS, CompletionRequest
 from tasks.llm_server import EmbeddedServer
-from tasks.pool import INDEX_FILE, VOCAB_FILE, Pool, load_pool, round_index_tables
+from tasks.pool import INDEX_FILE, VOCAB_FILE, IndexDelta, Pool, load_pool, pool_size
 from tasks.seeds import load_seeds
 from tasks.store import Store, records_to_table
 
@@ -91,6 +93,9 @@ def collect_candidates(
     candidates: list[Candidate] = []
     rejected: list[RejectionRecord] = []
     for plan, completion in zip(plans, completions, strict=True):
+        if completion.rejected is not None:
+            rejected.append(_refusal(completion, round_number, "instruction", ""))
+            continue
         texts = parse_instructions(completion.text, plan.first_number, completion.finish_reason)
         if not texts:
             rejected.append(
@@ -119,6 +124,24 @@ def collect_candidates(
     return candidates, rejected
 
 
+def _refusal(completion: CompletionRecord, round_number: int, stage: Stage, text: str) -> RejectionRecord:
+    """The rejection of a prompt the server refused alone (its reason, e.g. prompt_too_long)."""
+    return RejectionRecord(
+        round=round_number,
+        stage=stage,
+        reason=completion.rejected or "rejected_by_server",
+        text=text,
+        request_key=completion.key,
+    )
+
+
+def parsed_count(candidates: list[Candidate], filtered: list[RejectionRecord]) -> int:
+    """Instructions parsed from the completions: the candidates plus those the filters rejected (not the
+    completions that did not parse or whose prompt the server refused)."""
+    not_parsed = {"unparseable", *REFUSAL_REASONS}
+    return len(candidates) + sum(1 for r in filtered if r.reason not in not_parsed)
+
+
 def dedup_candidates(
     candidates: list[Candidate],
     pool: Pool,
@@ -127,7 +150,10 @@ def dedup_candidates(
     model: str,
     dask_address: str | None,
 ) -> tuple[list[InstructionRecord], list[RejectionRecord]]:
-    """ROUGE-L dedup against the whole pool, greedily in order; kept candidates join `pool.index`."""
+    """ROUGE-L dedup against the whole pool, greedily in order; kept candidates join `pool.index`.
+
+    The pool is the caller's own (the dedup step loads one per call), so growing its index is local.
+    """
     ids = [f"r{round_number:05d}-{n:05d}" for n in range(len(candidates))]
     decisions = deduplicate(
         ids,
@@ -186,15 +212,25 @@ def classify_requests(
 
 
 def apply_classification(
-    accepted: list[InstructionRecord], completions: list[CompletionRecord]
-) -> list[InstructionRecord]:
-    """Copies of the instructions with is_classification and the raw answer set."""
-    return [
-        record.model_copy(
-            update={"is_classification": parse_classification(c.text), "classification_raw": c.text}
+    accepted: list[InstructionRecord], completions: list[CompletionRecord], round_number: int
+) -> tuple[list[InstructionRecord], list[RejectionRecord]]:
+    """Copies of the instructions with is_classification and the raw answer set.
+
+    Returns:
+        The classified instructions, and a rejection for each whose question the server refused.
+    """
+    classified: list[InstructionRecord] = []
+    rejected: list[RejectionRecord] = []
+    for record, c in zip(accepted, completions, strict=True):
+        if c.rejected is not None:
+            rejected.append(_refusal(c, round_number, "classify", record.instruction))
+            continue
+        classified.append(
+            record.model_copy(
+                update={"is_classification": parse_classification(c.text), "classification_raw": c.text}
+            )
         )
-        for record, c in zip(accepted, completions, strict=True)
-    ]
+    return classified, rejected
 
 
 def instance_requests(
@@ -227,6 +263,9 @@ def collect_instances(
     instances: list[InstanceRecord] = []
     rejected: list[RejectionRecord] = []
     for record, completion in zip(accepted, completions, strict=True):
+        if completion.rejected is not None:
+            rejected.append(_refusal(completion, round_number, "instance", record.instruction))
+            continue
         pairs = parse_instances(completion.text, bool(record.is_classification), completion.finish_reason)
         good, bad = filter_instances(pairs, config.max_instances, config.max_field_chars)
         for instance_input, instance_output, reason in bad:
@@ -297,8 +336,6 @@ class RoundResult:
     model: str
     seeds_sha256: str
     pool_size_before: int
-    index_start: int
-    vocab_start: int
     prompts: int
     candidates_parsed: int
     instructions: list[InstructionRecord]
@@ -307,16 +344,22 @@ class RoundResult:
     completions: list[CompletionRecord]
 
 
-def write_round(store: Store, pool: Pool, result: RoundResult, config: BootstrapConfig) -> RoundManifest:
+def write_round(
+    store: Store, result: RoundResult, delta: IndexDelta, config: BootstrapConfig
+) -> RoundManifest:
     """Write the round's files, then its manifest last.
+
+    Args:
+        store: The round store; the run holds the claim of `result.number`.
+        result: The round's records and counts.
+        delta: What dedup added to the pool index; only the finally accepted instructions are written.
+        config: The round's config, recorded in the manifest.
 
     Returns:
         The committed manifest.
     """
     number = result.number
-    entries, vocab = round_index_tables(
-        pool.index, result.index_start, result.vocab_start, {r.id for r in result.instructions}
-    )
+    entries, vocab = delta.kept(r.id for r in result.instructions)
     files = {
         f"{name}.parquet": store.write_table(number, name, records_to_table(records, name))
         for name, records in (
@@ -349,13 +392,6 @@ def write_round(store: Store, pool: Pool, result: RoundResult, config: Bootstrap
     return manifest
 
 
-plan_instruction_prompts_task = task(name="plan-instruction-prompts")(plan_instruction_prompts)
-collect_candidates_task = task(name="parse-and-filter")(collect_candidates)
-dedup_candidates_task = task(name="rouge-dedup")(dedup_candidates)
-collect_instances_task = task(name="parse-and-filter-instances")(collect_instances)
-write_round_task = task(name="commit-round")(write_round)
-
-
 @contextmanager
 def llm_endpoints(urls: list[str], settings: Settings) -> Iterator[list[str]]:
     """Base URLs to generate with: given ones, else Settings', else an embedded server for the duration."""
@@ -367,38 +403,114 @@ def llm_endpoints(urls: list[str], settings: Settings) -> Iterator[list[str]]:
         yield [server.url]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundContext:
-    """What every step of a round needs to know: where, which round, with what pool."""
+    """What every step of a round needs to know, as small values: where, which round, from which pool.
 
-    store: Store
+    Steps get this, never a live store or pool: each opens the store from `store_url` and loads the pool of
+    `seeds_path` and `rounds` itself, so a step could run in another process and no task input is large.
+    """
+
+    store_url: str
     number: int
     run_id: str
+    seeds_path: str | None
     seeds_sha256: str
-    pool: Pool
     model: str
+    rounds: list[int]
     pool_size_before: int
-    index_start: int
-    vocab_start: int
 
 
-@task(name="open-round")
+LATEST_ADAPTER = "latest"
+
+
+def generation_model(config: BootstrapConfig, settings: Settings, store: Store) -> str:
+    """The model name a round sends: its adapter (a registered fine-tune id), else its model, else Settings'.
+
+    Raises:
+        ValueError: `adapter` is "latest" and the store has no trained fine-tune.
+    """
+    if config.adapter is None:
+        return config.model or settings.model
+    if config.adapter != LATEST_ADAPTER:
+        return config.adapter
+    from tasks.finetune import latest_finetune  # only rounds that ask for it read the fine-tunes
+
+    finetune_id = latest_finetune(store)
+    if finetune_id is None:
+        raise ValueError(f"adapter {LATEST_ADAPTER!r}: the store has no trained fine-tune yet")
+    return finetune_id
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    """What the dedup step decided: accepted instructions, rejections, and the index delta to commit."""
+
+    accepted: list[InstructionRecord]
+    rejected: list[RejectionRecord]
+    delta: IndexDelta
+
+
+def _load_round_pool(ctx: RoundContext, config: BootstrapConfig, settings: Settings) -> Pool:
+    """The pool a round samples from and deduplicates against: its seeds and the rounds before it."""
+    seeds, _ = load_seeds(Path(ctx.seeds_path) if ctx.seeds_path else None)
+    return load_pool(Store(ctx.store_url, settings), seeds, config.tokenizer, ctx.rounds)
+
+
+# Cache policies: every step below is NO_CACHE. Their inputs are records and small values, but a round must
+# never be answered from a cache keyed on them (a rerun redoes its steps; the completion cache in the store
+# is what makes reruns cheap), and no step is handed a pool for Prefect to hash.
+
+
+@task(name="open-round", cache_policy=NO_CACHE)
 def open_round(
     store_url: str, seeds_path: str | None, config: BootstrapConfig, settings: Settings, run_id: str
 ) -> RoundContext:
-    """Validate the seeds, claim the next round of the store and load the pool it is deduplicated against."""
+    """Validate the seeds and claim the store's next round; the steps that need the pool load it."""
     seeds, seeds_sha = load_seeds(Path(seeds_path) if seeds_path else None)
     store = Store(store_url, settings)
     number = store.claim_next_round(run_id)
-    pool = load_pool(store, seeds, config.tokenizer)
+    rounds = [n for n in store.committed_rounds() if n < number]
     return RoundContext(
-        store=store,
+        store_url=store_url,
         number=number,
         run_id=run_id,
+        seeds_path=seeds_path,
         seeds_sha256=seeds_sha,
-        pool=pool,
-        model=config.model or settings.model,
-        pool_size_before=pool.size,
-        index_start=len(pool.index),
-        vocab_start=pool.index.vocab_size,
+        model=generation_model(config, settings, store),
+        rounds=rounds,
+        pool_size_before=pool_size(store, len(seeds), rounds),
     )
+
+
+@task(name="plan-instruction-prompts", cache_policy=NO_CACHE)
+def plan_instruction_prompts_task(
+    ctx: RoundContext, config: BootstrapConfig, settings: Settings
+) -> list[PromptPlan]:
+    """Load the round's pool and plan its instruction-generation prompts."""
+    return plan_instruction_prompts(_load_round_pool(ctx, config, settings), config, ctx.number)
+
+
+@task(name="rouge-dedup", cache_policy=NO_CACHE)
+def dedup_candidates_task(
+    candidates: list[Candidate], ctx: RoundContext, config: BootstrapConfig, settings: Settings
+) -> DedupResult:
+    """Load the round's pool, deduplicate the candidates against it; return the decisions and the delta."""
+    pool = _load_round_pool(ctx, config, settings)
+    start, vocab_start = len(pool.index), pool.index.vocab_size
+    accepted, rejected = dedup_candidates(
+        candidates, pool, config, ctx.number, ctx.model, settings.dask_address
+    )
+    return DedupResult(accepted, rejected, IndexDelta.since(pool.index, start, vocab_start))
+
+
+collect_candidates_task = task(name="parse-and-filter", cache_policy=NO_CACHE)(collect_candidates)
+collect_instances_task = task(name="parse-and-filter-instances", cache_policy=NO_CACHE)(collect_instances)
+
+
+@task(name="commit-round", cache_policy=NO_CACHE)
+def write_round_task(
+    ctx: RoundContext, result: RoundResult, delta: IndexDelta, config: BootstrapConfig, settings: Settings
+) -> RoundManifest:
+    """Write the round's files and the dedup step's index delta, then the manifest last."""
+    return write_round(Store(ctx.store_url, settings), result, delta, config)

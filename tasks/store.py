@@ -25,80 +25,90 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from schemas import CompletionRecord, FileEntry, RoundManifest, Settings
+from schemas import (
+    CompletionRecord,
+    FileEntry,
+    InstanceRecord,
+    InstructionRecord,
+    RejectionRecord,
+    RoundManifest,
+    Settings,
+)
+from schemas.records import INT32_COLUMN
+from tasks.redact import redact_url
 
 MANIFEST = "manifest.json"
-ARTIFACT_AREAS = ("audits", "finetunes", "evaluations", "reports", "state")
+FINETUNES = "finetunes"  # finetunes/<id>/...: one folder per fine-tune
+ARTIFACT_AREAS = (FINETUNES, "evaluations", "reports", "state", "audits")
 MAX_ROUND = 99_999
 
-SIMILAR = pa.struct([("id", pa.string()), ("instruction", pa.string()), ("score", pa.float64())])
 
-ARROW_SCHEMAS: dict[str, pa.Schema] = {
-    "instructions": pa.schema(
-        [
-            ("id", pa.string()),
-            ("round", pa.int32()),
-            ("instruction", pa.string()),
-            ("request_key", pa.string()),
-            ("prompt_index", pa.int32()),
-            ("in_context_ids", pa.list_(pa.string())),
-            ("model", pa.string()),
-            ("sampling", pa.string()),  # JSON of SamplingParams
-            ("max_rouge", pa.float64()),
-            ("most_similar", pa.list_(SIMILAR)),
-            ("avg_similarity", pa.float64()),
-            ("is_classification", pa.bool_()),
-            ("classification_raw", pa.string()),
-        ]
-    ),
-    "instances": pa.schema(
-        [
-            ("instruction_id", pa.string()),
-            ("round", pa.int32()),
-            ("index", pa.int32()),
-            ("input", pa.string()),
-            ("output", pa.string()),
-            ("request_key", pa.string()),
-        ]
-    ),
-    "rejected": pa.schema(
-        [
-            ("round", pa.int32()),
-            ("stage", pa.string()),
-            ("reason", pa.string()),
-            ("text", pa.string()),
-            ("instance_input", pa.string()),
-            ("instance_output", pa.string()),
-            ("request_key", pa.string()),
-            ("max_rouge", pa.float64()),
-            ("most_similar_instruction", pa.string()),
-        ]
-    ),
-    "requests": pa.schema(
-        [
-            ("key", pa.string()),
-            ("stage", pa.string()),
-            ("request_id", pa.string()),
-            ("prompt", pa.string()),
-            ("text", pa.string()),
-            ("finish_reason", pa.string()),
-            ("prompt_tokens", pa.int64()),
-            ("completion_tokens", pa.int64()),
-            ("latency_s", pa.float64()),
-            ("model", pa.string()),
-            ("base_url", pa.string()),
-            ("seed", pa.int64()),
-        ]
-    ),
+# Columns added to a round file after rounds were first written; files written before lack them, and
+# readers treat them as null.
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"requests": ("rejected",)}
+
+
+def _arrow_type(annotation: Any, metadata: Sequence[Any] = ()) -> pa.DataType:
+    """The Arrow type a record field is stored as; a TypeError for a type with no column type yet."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (UnionType, Union):  # X | None: every column is nullable anyway
+        present = [a for a in args if a is not type(None)]
+        if len(present) == 1:
+            return _arrow_type(present[0], metadata)
+    elif origin is Annotated:
+        return _arrow_type(args[0], [*metadata, *args[1:]])
+    elif origin is Literal and all(isinstance(a, str) for a in args):
+        return pa.string()
+    elif origin is list and len(args) == 1:
+        return pa.list_(_arrow_type(args[0]))
+    elif annotation is bool:
+        return pa.bool_()
+    elif annotation is int:
+        return pa.int32() if INT32_COLUMN in metadata else pa.int64()
+    elif annotation is float:
+        return pa.float64()
+    elif annotation is str:
+        return pa.string()
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.string()  # a nested model on its own (decoding parameters) is stored as its JSON
+    raise TypeError(f"no Arrow column type for {annotation!r}")
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    """The Arrow schema of a record model: one nullable column per field, in field order.
+
+    str/Literal -> string, int -> int64 (int32 when marked `Int32`), float -> float64, bool -> bool,
+    list[X] -> list<X>, list[Model] -> list<struct> of the model's fields, a nested Model -> its JSON string.
+    """
+    fields = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        args = get_args(annotation)
+        if get_origin(annotation) is list and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            column = pa.list_(pa.struct(list(arrow_schema(args[0]))))
+        else:
+            column = _arrow_type(annotation, info.metadata)
+        fields.append(pa.field(name, column))
+    return pa.schema(fields)
+
+
+# Each round file and the record model of its rows: the Arrow schemas are derived, never typed twice.
+RECORD_FILES: dict[str, type[BaseModel]] = {
+    "instructions": InstructionRecord,
+    "instances": InstanceRecord,
+    "rejected": RejectionRecord,
+    "requests": CompletionRecord,
 }
+ARROW_SCHEMAS: dict[str, pa.Schema] = {name: arrow_schema(model) for name, model in RECORD_FILES.items()}
 
 
 class StoreError(RuntimeError):
@@ -109,17 +119,6 @@ class RoundClaimedError(StoreError):
     """Another live run holds the round this run would write."""
 
 
-def redact_url(url: str) -> str:
-    """Return `url` with any user:password@ part replaced, for showing in logs and messages."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
-
-
 def _open_filesystem(url: str, settings: Settings) -> tuple[fsspec.AbstractFileSystem, str]:
     """Map a store URL to a filesystem and the root path inside it."""
     parts = urlsplit(url)
@@ -128,11 +127,14 @@ def _open_filesystem(url: str, settings: Settings) -> tuple[fsspec.AbstractFileS
         path = parts.path if scheme == "file" else url
         return fsspec.filesystem("file"), str(Path(path).expanduser().resolve())
     if scheme == "s3":
-        if parts.username or parts.password:
-            raise StoreError(f"store URL {redact_url(url)}: put S3 credentials in settings, not in the URL")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise StoreError(
+                f"store URL {redact_url(url)}: put S3 credentials in settings, not in the URL "
+                "(no user info, query string or fragment)"
+            )
         bucket = parts.netloc
         if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-            raise StoreError(f"store URL {url}: '{bucket}' is not a valid S3 bucket name")
+            raise StoreError(f"store URL {redact_url(url)}: '{bucket}' is not a valid S3 bucket name")
         options: dict[str, Any] = {}
         if settings.s3_endpoint_url:
             options["client_kwargs"] = {"endpoint_url": settings.s3_endpoint_url}
@@ -163,7 +165,14 @@ def _to_row(record: BaseModel, schema: pa.Schema) -> dict[str, Any]:
 
 
 def records_to_table(records: Sequence[BaseModel], name: str) -> pa.Table:
-    """Build the Arrow table of a round file from its records, with the file's explicit schema."""
+    """Build the Arrow table of a round file from its records, with the schema derived from their model.
+
+    Raises:
+        TypeError: When a record is not of the file's model (Arrow would silently drop its other fields).
+    """
+    model = RECORD_FILES[name]
+    if any(type(r) is not model for r in records):
+        raise TypeError(f"{name}.parquet holds {model.__name__} rows only")
     schema = ARROW_SCHEMAS[name]
     return pa.Table.from_pylist([_to_row(r, schema) for r in records], schema=schema)
 
@@ -443,6 +452,33 @@ class Store:
         """Human-readable location of an artifact path."""
         prefix = "s3://" if self.fs.protocol in ("s3", ("s3", "s3a")) else ""
         return prefix + self._artifact_path(relative)
+
+
+def open_store(
+    store_url: str | None = None, settings: Settings | None = None, *, check: bool = False
+) -> Store:
+    """The store at `store_url` (default: the settings' store), with credentials from `settings`.
+
+    Args:
+        store_url: Root URL; None takes `settings.store_url`.
+        settings: Credentials and endpoint; None reads them from the environment.
+        check: Also list the store once, so missing or wrong S3 credentials, an unreachable endpoint or a
+            store path that is a file show up as one StoreError line here, not as a traceback later.
+
+    Raises:
+        StoreError: The URL is unusable, or (with `check`) the store cannot be read; credentials left out.
+    """
+    settings = settings or Settings()
+    url = store_url or settings.store_url
+    store = Store(url, settings)
+    if check:
+        try:
+            store.committed_rounds()
+        except Exception as error:
+            raise StoreError(
+                f"store {redact_url(url)}: cannot read it ({type(error).__name__}: {error})"
+            ) from None
+    return store
 
 
 class StoreCompletionCache:

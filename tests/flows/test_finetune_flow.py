@@ -6,21 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from schemas.training import EvaluateParams, EvaluationResult, FinetuneManifest, FinetuneParams
-from selfinstruct.cli_train import register
+from selfinstruct.cli import app
 from tasks.artifacts import store_resource_id
 from tasks.evaluate import TABLE_KEY
 from tasks.events import store_root_url
 from tasks.finetune import FINETUNE_COMPLETED, METRICS_KEY, latest_finetune
 from tasks.store import Store
-from tests.tasks.test_evaluate import write_heldout
-from tests.tasks.test_export import two_round_store
-from tests.tasks.test_finetune import TRAIN_KNOBS
+from tests.support.factories import TRAIN_KNOBS, two_round_store, write_heldout
 
 pytestmark = pytest.mark.slow
 
@@ -101,8 +98,6 @@ def test_finetune_then_evaluate(prefect_server: None, tmp_path: Path) -> None:
 
 def test_dry_run_flow_and_cli(prefect_server: None, tmp_path: Path) -> None:
     store = two_round_store(tmp_path / "store")
-    app = typer.Typer()
-    register(app)
     runner = CliRunner()
 
     result = runner.invoke(app, ["finetune", "--rounds", "2", "--dry-run", "--store", store.url])
@@ -113,7 +108,12 @@ def test_dry_run_flow_and_cli(prefect_server: None, tmp_path: Path) -> None:
     assert (
         manifest.dry_run
         and manifest.rounds == [2]
-        and manifest.files == ["data/train.jsonl", "data/validation.jsonl"]
+        and manifest.files
+        == [
+            "dataset/README.md",
+            "dataset/data/train-00000-of-00001.parquet",
+            "dataset/data/validation-00000-of-00001.parquet",
+        ]
     )
     events = _events(f"{store_resource_id(Store(store.url))}.finetune.{finetune_id}")
     assert events and events[0]["resource"]["selfinstruct.dry-run"] == "true"

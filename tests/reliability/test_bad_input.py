@@ -16,15 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from schemas import BootstrapConfig, CompletionRecord, InstructionRecord, SamplingParams, Settings
+from schemas import BootstrapConfig, CompletionRecord, Settings
 from selfinstruct.cli import app
 from tasks.classify import parse_classification
 from tasks.generate import parse_instructions
 from tasks.instances import parse_instances
 from tasks.seeds import DEFAULT_SEEDS
 from tasks.steps import PromptPlan, collect_candidates, collect_instances
-from tests.reliability import ModelLikeFake, free_port, moto_process
+from tests.support import factories
 from tests.support.fake_openai import FakeOpenAI, FaultConfig
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import free_port, moto_process
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 runner = CliRunner()
@@ -328,19 +330,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 def _completion(i: int, text: str, finish: str | None, stage: Any) -> CompletionRecord:
-    return CompletionRecord(
-        key=f"k{i}",
-        stage=stage,
-        request_id="r",
-        prompt=f"p{i}",
-        text=text,
-        finish_reason=finish,
-        prompt_tokens=0,
-        completion_tokens=0,
-        latency_s=0.0,
-        model="m",
-        base_url="http://127.0.0.1/v1",
-    )
+    return factories.completion(text, key=f"k{i}", stage=stage, prompt=f"p{i}", finish_reason=finish)
 
 
 @FUZZ
@@ -390,17 +380,12 @@ def test_every_generated_instance_is_kept_or_rejected_with_a_reason(
 ) -> None:
     config = BootstrapConfig()
     accepted = [
-        InstructionRecord(
-            id=f"r00001-{i:05d}",
-            round=1,
-            instruction=f"Task number {i} of the fuzz test.",
+        factories.instruction(
+            1,
+            i,
+            f"Task number {i} of the fuzz test.",
             request_key=f"g{i}",
-            prompt_index=0,
             in_context_ids=[],
-            model="m",
-            sampling=SamplingParams(),
-            max_rouge=0.1,
-            most_similar=[],
             avg_similarity=0.0,
             is_classification=is_classification,
         )

@@ -30,15 +30,10 @@ from schemas import BootstrapConfig, RoundParams, Settings
 from selfinstruct.cli import app
 from tasks.llm import LLMError
 from tasks.store import Store
-from tests.reliability import (
-    ModelLikeFake,
-    MotoProcess,
-    assert_store_sound,
-    cli_env,
-    moto_process,
-    run_cli,
-)
+from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import MotoProcess, cli_env, moto_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -119,16 +114,20 @@ def test_flaky_llm_server_round_completes(prefect_server: None, small_batches: N
 def test_400_fails_fast_with_the_servers_message(
     prefect_server: None, small_batches: None, claims_of_an_exited_process: None, tmp_path: Path
 ) -> None:
-    """A 4xx is the request's fault: no retry (neither the client's nor Prefect's 10 s task retry)."""
+    """A 4xx is the request's fault: no retry (neither the client's nor Prefect's 10 s task retry). A 400 for
+    a batch is sent once more prompt by prompt, to lose only a prompt the server cannot take (issue 17); when
+    every prompt is refused alone too, the round fails."""
     store_url = str(tmp_path / "store")
-    faults = FaultConfig(script=deque(["400"]))
+    faults = FaultConfig(p_400=1.0)
     with ModelLikeFake(latency_s=0.05, faults=faults) as fake:
         start = time.monotonic()
         with pytest.raises(LLMError, match="this is the fake server's 400 message"):
             bootstrap_round(_params(store_url, fake.url))
         assert time.monotonic() - start < 8
         sent = [tuple(body["prompt"]) for body in fake.bodies]
-        assert fake.faults_injected["400"] == 1 and len(sent) == len(set(sent))  # nothing was sent twice
+        # Each batch once, then each of its prompts once alone: no request was repeated.
+        assert fake.faults_injected["400"] >= 3 and len(sent) == len(set(sent))
+        faults.p_400 = 0.0
         store = Store(store_url)
         assert store.committed_rounds() == [] and store.uncommitted_rounds() == [1]
         assert_store_sound(store)

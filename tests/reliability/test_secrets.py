@@ -22,11 +22,12 @@ from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
 from tasks.llm import LLMError, OpenAICompletionClient
-from tasks.llm import redact_url as redact_llm_url
+from tasks.redact import redact_url
 from tasks.store import Store, StoreError, records_to_table
-from tasks.store import redact_url as redact_store_url
-from tests.reliability import ModelLikeFake, assert_store_sound, cli_env, free_port, run_cli
+from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import Fault
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import cli_env, free_port, run_cli
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 API_KEY = "sk-reliability-9b1f4c7e2d"
@@ -127,18 +128,17 @@ def test_no_secret_in_store_prefect_or_output(
 def test_credentials_in_urls_are_refused_and_redacted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A password in an LLM URL is refused (shown as ***), and redacted wherever a URL is shown."""
+    """A password in an LLM URL is refused (and not shown), and redacted wherever a URL is shown."""
     url = f"http://user:pa55word@127.0.0.1:{free_port()}/v1"
     # On the command line and in SELFINSTRUCT_LLM_URL: the URLs would become Prefect flow parameters.
     for args in (["--llm-url", url], []):
         if not args:
             monkeypatch.setenv("SELFINSTRUCT_LLM_URL", url)
         result = CliRunner().invoke(app, ["run", "--store", str(tmp_path / "store"), *args])
-        assert result.exit_code == 2 and "http://***@127.0.0.1" in result.output, result.output
+        assert result.exit_code == 2 and "LLM URL http://127.0.0.1" in result.output, result.output
         assert "pa55word" not in result.output
     assert not (tmp_path / "store").exists()
-    assert redact_store_url(url) == url.replace("user:pa55word", "***")
-    assert redact_llm_url(url + "?token=abc#frag") == url.replace("user:pa55word@", "")
+    assert redact_url(url + "?token=abc#frag") == url.replace("user:pa55word@", "")
 
     # The client's own errors leave the password out too.
     async def attempt() -> None:
@@ -247,3 +247,34 @@ def test_model_output_is_data(prefect_server: None, tmp_path: Path, monkeypatch:
     report = tmp_path / "store" / "rounds" / "round=00001" / "report.html"
     if report.exists():
         assert "<script>alert(1)</script>" not in report.read_text()
+
+
+QUERY_SECRET = "qs-secret-5e1d"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run", "--llm-url", f"http://127.0.0.1:9/v1?api_key={QUERY_SECRET}"),
+        ("run", "--llm-url", f"http://user:{QUERY_SECRET}@127.0.0.1:9/v1"),
+        ("run", "--llm-url", f"http://127.0.0.1:9/v1#{QUERY_SECRET}"),
+        ("run", "--store", f"s3://bucket/p?key={QUERY_SECRET}"),
+        ("run", "--store", f"s3://b/p?key={QUERY_SECRET}"),
+        ("status", "--store", f"s3://bucket/p?key={QUERY_SECRET}"),
+        ("verify", "--store", f"s3://b/p?key={QUERY_SECRET}"),
+        ("report", "--store", f"s3://bucket/p?key={QUERY_SECRET}"),
+        ("export", "OUT", "--store", f"s3://bucket/p?key={QUERY_SECRET}"),
+        ("finetune", "--store", f"s3://bucket/p#{QUERY_SECRET}"),
+        ("evaluate", "--store", f"s3://user:{QUERY_SECRET}@bucket/p"),
+    ],
+)
+def test_no_command_prints_a_query_string_secret(args: tuple[str, ...], tmp_path: Path) -> None:
+    """A secret in a URL's query string, user info or fragment is refused and never printed."""
+    extra = () if "--store" in args else ("--store", str(tmp_path / "store"))
+    out = str(tmp_path / "out.jsonl")
+    result = CliRunner().invoke(app, [out if a == "OUT" else a for a in (*args, *extra)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: "), result.output
+    assert QUERY_SECRET not in result.output
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "out.jsonl").exists()

@@ -22,8 +22,10 @@ from typer.testing import CliRunner
 
 from selfinstruct.cli import app
 from tasks.store import Store
-from tests.reliability import ModelLikeFake, assert_store_sound, cli_command, cli_env
+from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
+from tests.support.model_like import ModelLikeFake
+from tests.support.processes import cli_command, cli_env
 
 pytestmark = pytest.mark.slow
 

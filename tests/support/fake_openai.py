@@ -7,6 +7,11 @@ can tell which prompt a choice belongs to.
 Use it in-process (`with FakeOpenAI(latency_s=0.5) as fake: fake.url`), or as its own process so that it
 does not share the GIL with the client under test (`python -m tests.support.fake_openai --latency 0.5`, which
 prints `READY <url>`; counters at GET /_fake/stats).
+
+With `vllm=VLLMMode(...)` it also enforces what vLLM 0.33.0's OpenAI server enforces and a client can trip
+over (each rule names the vLLM source it copies; read from the wheel, since vLLM cannot run without CUDA): the
+stop-string limit, the context limit, the request-queue limit (503), served model names, runtime LoRA loading,
+and token ids per choice. Choices always come back in prompt order with one request-level usage, as vLLM's do.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ import signal
 import socket
 import sys
 import threading
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from aiohttp import web
 
-Fault = Literal["500", "429", "hang", "close", "malformed", "empty", "length", "400", "drop_choice"]
+Fault = Literal["500", "429", "hang", "close", "malformed", "empty", "length", "400", "drop_choice", "501"]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 
 
@@ -48,6 +55,7 @@ class FaultConfig:
     p_length: float = 0.0
     p_400: float = 0.0
     p_drop_choice: float = 0.0
+    p_501: float = 0.0
     error_message_400: str = "Invalid request: this is the fake server's 400 message"
     retry_after_s: float | None = None
     hang_s: float = 3600.0
@@ -62,9 +70,63 @@ class FaultConfig:
         return None
 
 
+@dataclass
+class VLLMMode:
+    """The vLLM 0.33.0 server behaviour the stand-in copies, with vLLM's defaults unless a test changes them.
+
+    Attributes:
+        max_model_len: `--max-model-len`, in fake tokens (words). A prompt of at least this many tokens is a
+            400 for the whole request (renderers/params.py `TokenizeParams._token_len_check`, and
+            v1/engine/input_processor.py for a prompt of exactly this length); `max_tokens` above it is a 400
+            (`TokenizeParams.__post_init__`); otherwise `max_tokens` is clamped to what is left of the context
+            (entrypoints/serve/utils/api_utils.py `get_max_tokens`).
+        max_stop_strings: `VLLM_MAX_STOP_STRINGS` (envs.py, default 4); more stop strings are a 400
+            (entrypoints/generate/base/protocol.py `StopParam`).
+        max_num_seqs: `--max-num-seqs`: prompts the scheduler runs at once; the rest wait. Reported by
+            GET /metrics as `vllm:num_requests_running` / `vllm:num_requests_waiting` (v1/metrics/loggers.py).
+        max_num_queued_reqs: `--max-num-queued-reqs`: with it set, a request that would take the unfinished
+            prompts over it gets 503 (v1/engine/async_llm.py `check_admission`, exceptions.py
+            `QueueOverflowError`). None: no limit, vLLM's default, and requests simply wait.
+        runtime_lora_updating: `VLLM_ALLOW_RUNTIME_LORA_UPDATING=true` in the server's environment: only then
+            are /v1/load_lora_adapter and /v1/unload_lora_adapter mounted
+            (entrypoints/serve/lora/api_router.py).
+        max_lora_rank: `--max-lora-rank` (config/lora.py, default 16); a bigger adapter fails to load
+            (lora/peft_helper.py `validate_legal`).
+        generation_config: The model's generation_config.json sampling defaults, which vLLM applies to every
+            field a request leaves out (`--generation-config auto`, the default; completion/protocol.py
+            `to_sampling_params`); empty = `--generation-config vllm`.
+    """
+
+    max_model_len: int = 2048
+    max_stop_strings: int = 4
+    max_num_seqs: int = 256
+    max_num_queued_reqs: int | None = None
+    runtime_lora_updating: bool = False
+    max_lora_rank: int = 16
+    generation_config: dict[str, float] = field(default_factory=dict)
+
+
+# vLLM's own defaults for sampling fields a request leaves out and the model's generation config does not set
+# (entrypoints/openai/completion/protocol.py `CompletionRequest._DEFAULT_SAMPLING_PARAMS`).
+VLLM_SAMPLING_DEFAULTS: dict[str, float] = {
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+}
+
+
 def words(text: str) -> list[str]:
     """The fake tokenizer: whitespace-separated words."""
     return text.split()
+
+
+def token_ids(text: str) -> list[int]:
+    """Ids of the fake tokens of `text` (one per word), as vLLM returns with `return_token_ids`."""
+    return [zlib.crc32(w.encode()) % 50_000 for w in words(text)]
 
 
 def fake_completion(
@@ -108,6 +170,7 @@ class FakeOpenAI:
         per_choice_usage: bool = False,
         rng_seed: int = 0,
         responder: Callable[[str], str] | None = None,
+        vllm: VLLMMode | None = None,
     ) -> None:
         """Configure the server (nothing is bound until `start`).
 
@@ -121,13 +184,25 @@ class FakeOpenAI:
             rng_seed: Seed of the fault and shuffle draws.
             responder: Completion text for a prompt, instead of the echo (e.g. a scripted judge); stop
                 sequences still cut it.
+            vllm: Enforce vLLM's limits and semantics (see `VLLMMode`); the served names are `models`
+                (default "fake-model") plus the adapters loaded at runtime.
         """
+        if vllm is not None and (shuffle_choices or per_choice_usage):
+            raise ValueError("vLLM answers choices in prompt order with one request-level usage")
         self.latency_s = latency_s
         self.faults = faults or FaultConfig()
         self.models = models
         self.api_key = api_key
         self.shuffle_choices = shuffle_choices
         self.per_choice_usage = per_choice_usage
+        self.vllm = vllm
+        if vllm is not None and models is None:
+            self.models = ("fake-model",)
+        self.adapters: dict[str, str] = {}
+        self.refused: Counter[int] = Counter()
+        self.unfinished = 0
+        self.max_unfinished = 0
+        self.effective_sampling: deque[dict[str, Any]] = deque(maxlen=1000)
         self._rng = random.Random(rng_seed)
         self.responder = responder
         self.requests = 0
@@ -193,6 +268,8 @@ class FakeOpenAI:
             "faults": dict(self.faults_injected),
             "max_in_flight": self.max_in_flight,
             "in_flight": self.in_flight,
+            "max_unfinished": self.max_unfinished,
+            "refused": {str(k): v for k, v in self.refused.items()},
         }
 
     async def _start_site(self, sock: socket.socket) -> None:
@@ -200,6 +277,11 @@ class FakeOpenAI:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/_fake/stats", self._stats)
+        if self.vllm is not None:
+            app.router.add_get("/metrics", self._metrics)
+            # Unmounted, the paths answer FastAPI's 404, as vLLM's do.
+            app.router.add_post("/v1/load_lora_adapter", self._load_lora)
+            app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         # handler_cancellation: a hung handler ends when the client gives up and disconnects.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
         await self._runner.setup()
@@ -212,7 +294,144 @@ class FakeOpenAI:
 
     async def _models(self, request: web.Request) -> web.Response:
         names = self.models or ("fake-model",)
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in names]})
+        cards: list[dict[str, Any]] = [{"id": m, "object": "model"} for m in names]
+        if self.vllm is not None:
+            # entrypoints/openai/models/serving.py `show_available_models`: base models carry max_model_len,
+            # adapters their parent.
+            for card in cards:
+                card["max_model_len"] = self.vllm.max_model_len
+            cards += [
+                {"id": a, "object": "model", "root": path, "parent": names[0]}
+                for a, path in self.adapters.items()
+            ]
+        return web.json_response({"object": "list", "data": cards})
+
+    def served(self) -> tuple[str, ...]:
+        """Model names requests may use: the served names and the adapters loaded so far."""
+        return (*(self.models or ()), *self.adapters)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        assert self.vllm is not None
+        running = min(self.unfinished, self.vllm.max_num_seqs)
+        labels = f'{{engine="0",model_name="{(self.models or ("fake-model",))[0]}"}}'
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{labels} {float(running)}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{labels} {float(self.unfinished - running)}",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        """entrypoints/openai/models/serving.py `load_lora_adapter` and `_check_load_lora_adapter_request`."""
+        assert self.vllm is not None
+        if not self.vllm.runtime_lora_updating:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        body = await request.json()
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            return _error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
+        if name in (self.models or ()):
+            return _error(
+                400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput"
+            )
+        if name in self.adapters and not body.get("load_inplace"):
+            return _error(
+                400,
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
+                "place, set 'load_inplace' to True.",
+                "InvalidUserInput",
+            )
+        config_file = Path(path) / "adapter_config.json"
+        if not config_file.is_file():
+            return _error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
+        rank = int(json.loads(config_file.read_text()).get("r", 8))
+        if rank > self.vllm.max_lora_rank:
+            message = f"LoRA rank {rank} is greater than max_lora_rank {self.vllm.max_lora_rank}."
+            return _error(500, message, "InternalServerError")
+        self.adapters[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: web.Request) -> web.Response:
+        assert self.vllm is not None
+        if not self.vllm.runtime_lora_updating:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        name = (await request.json()).get("lora_name")
+        if name not in self.adapters:
+            return _error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+        del self.adapters[name]
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _vllm_rejection(self, body: dict[str, Any], prompts: list[str]) -> web.Response | None:
+        """vLLM's answer to a request it refuses as a whole, or None when it takes the request."""
+        assert self.vllm is not None
+        limits = self.vllm
+        stop = body.get("stop")
+        if isinstance(stop, list) and len(stop) > limits.max_stop_strings:
+            # FastAPI's RequestValidationError, shaped by
+            # entrypoints/serve/exception_handling/handlers/validation.py `validation_exception_handler`.
+            detail = {
+                "type": "too_long",
+                "loc": "body.stop",
+                "msg": f"List should have at most {limits.max_stop_strings} items after validation, "
+                f"not {len(stop)}",
+                "input": f"<list of {len(stop)} items>",
+            }
+            return _error(400, f"1 validation error:\n  {detail}", "Bad Request", param="body.stop")
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int) and max_tokens > limits.max_model_len:
+            return _error(
+                400,
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={limits.max_model_len}. "
+                "Please request fewer output tokens.",
+                "BadRequestError",
+                param="max_tokens",
+            )
+        for prompt in prompts:
+            count = len(words(prompt))
+            if count > limits.max_model_len:
+                return _error(
+                    400,
+                    f"This model's maximum context length is {limits.max_model_len} tokens. However, your "
+                    f"prompt contains {count} input tokens, which exceeds this limit even without any output "
+                    "tokens. Please reduce the length of the input prompt.",
+                    "BadRequestError",
+                    param="input_tokens",
+                )
+            if count == limits.max_model_len:
+                return _error(
+                    400,
+                    f"The decoder prompt (length {count}) plus the number of requested output tokens (at "
+                    f"least 1) is longer than the maximum model length of {limits.max_model_len}. Make sure "
+                    "that "
+                    "`max_model_len` is no smaller than the number of text tokens (prompt + requested output "
+                    "tokens).",
+                    "BadRequestError",
+                )
+        n = int(body.get("n") or 1)
+        if limits.max_num_queued_reqs is not None and self.unfinished + n > limits.max_num_queued_reqs:
+            return _error(
+                503,
+                "The engine is currently busy and cannot accept new requests. Please try again later or on a "
+                "different instance.",
+                "Service Unavailable",
+            )
+        return None
+
+    def _record_sampling(self, body: dict[str, Any]) -> None:
+        """The sampling vLLM would apply: the request's fields, else the model's generation config, else
+        vLLM's defaults (completion/protocol.py `to_sampling_params`)."""
+        assert self.vllm is not None
+        self.effective_sampling.append(
+            {
+                name: body[name]
+                if body.get(name) is not None
+                else self.vllm.generation_config.get(name, default)
+                for name, default in VLLM_SAMPLING_DEFAULTS.items()
+            }
+        )
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -235,8 +454,28 @@ class FakeOpenAI:
             return _error(400, "request body must be JSON with a 'prompt'")
         self.bodies.append(body)
         self.prompts += len(prompts)
-        if self.models is not None and body.get("model") not in self.models:
-            return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        if self.models is not None and body.get("model") not in self.served():
+            return _error(
+                404, f"The model `{body.get('model')}` does not exist.", "NotFoundError", param="model"
+            )
+        if self.vllm is not None:
+            refusal = self._vllm_rejection(body, prompts)
+            if refusal is not None:
+                self.refused[refusal.status] += 1
+                return refusal
+            self._record_sampling(body)
+            # Each prompt of the list is one engine request: the queue counts prompts.
+            self.unfinished += len(prompts)
+            self.max_unfinished = max(self.max_unfinished, self.unfinished)
+            try:
+                return await self._respond(request, body, prompts)
+            finally:
+                self.unfinished -= len(prompts)
+        return await self._respond(request, body, prompts)
+
+    async def _respond(
+        self, request: web.Request, body: dict[str, Any], prompts: list[str]
+    ) -> web.StreamResponse:
 
         fault = self.faults.draw(self._rng)
         if fault is not None:
@@ -258,9 +497,17 @@ class FakeOpenAI:
             return _error(429, "Rate limit reached", headers=headers)
         if fault == "400":
             return _error(400, self.faults.error_message_400)
+        if fault == "501":  # vLLM's answer for a feature it lacks (a NotImplementedError)
+            return _error(501, "this feature is not implemented", "NotImplementedError")
         if fault == "malformed":
             return web.Response(text='{"choices": [{"text": "unterminated', content_type="application/json")
-        return web.json_response(self._result(body, prompts, fault))
+        result = self._result(body, prompts, fault)
+        if self.vllm is not None and body.get("return_token_ids"):
+            n = int(body.get("n") or 1)
+            for choice in result["choices"]:
+                choice["prompt_token_ids"] = token_ids(prompts[choice["index"] // n])
+                choice["token_ids"] = token_ids(choice["text"])
+        return web.json_response(result)
 
     def _result(self, body: dict[str, Any], prompts: list[str], fault: Fault | None) -> dict[str, Any]:
         seed = body.get("seed")
@@ -271,9 +518,12 @@ class FakeOpenAI:
         choices: list[dict[str, Any]] = []
         completion_tokens = 0
         for i, prompt in enumerate(prompts):
+            budget = max_tokens
+            if self.vllm is not None:  # what is left of the context (api_utils.py `get_max_tokens`)
+                budget = min(max_tokens, self.vllm.max_model_len - len(words(prompt)))
             for j in range(n):
                 text, finish, count = fake_completion(
-                    prompt, None if seed is None else seed + j, max_tokens, stop
+                    prompt, None if seed is None else seed + j, budget, stop
                 )
                 if self.responder is not None:
                     text = self.responder(prompt)
@@ -313,9 +563,14 @@ class FakeOpenAI:
 
 
 def _error(
-    status: int, message: str, kind: str = "invalid_request_error", headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> web.Response:
-    payload = {"error": {"message": message, "type": kind, "code": status}}
+    # vLLM's ErrorResponse (entrypoints/serve/engine/protocol.py): {"error": {message, type, param, code}}.
+    payload = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return web.json_response(payload, status=status, headers=headers)
 
 
@@ -323,11 +578,12 @@ def main(argv: list[str] | None = None) -> None:
     """Run the server in the foreground until SIGTERM/SIGINT; prints `READY <url>`."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--latency", type=float, default=0.0, help="Seconds before every answer.")
+    parser.add_argument("--vllm", action="store_true", help="Enforce vLLM's limits (VLLMMode defaults).")
     for name in FAULTS:
         parser.add_argument(f"--p-{name.replace('_', '-')}", type=float, default=0.0)
     args = parser.parse_args(argv)
     faults = FaultConfig(**{f"p_{n}": getattr(args, f"p_{n}") for n in FAULTS})
-    fake = FakeOpenAI(latency_s=args.latency, faults=faults)
+    fake = FakeOpenAI(latency_s=args.latency, faults=faults, vllm=VLLMMode() if args.vllm else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

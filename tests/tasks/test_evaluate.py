@@ -28,31 +28,9 @@ from tasks.finetune import (
     upload_training_data,
     write_manifest,
 )
+from tasks.progress import ProgressUpdate, showing
 from tasks.store import Store
-from tests.tasks.test_export import two_round_store
-
-HELDOUT = [
-    ("Is the number positive or negative?", "-12", "negative", True),
-    ("Give the past tense of the verb.", "swim", "swam", False),
-    ("Name the largest planet in the solar system.", "", "Jupiter", False),
-    ("Convert the word to uppercase.", "quiet", "QUIET", False),
-]
-
-
-def write_heldout(path: Path) -> Path:
-    """A held-out file in the seed schema, one instance per task."""
-    lines = [
-        {
-            "id": f"heldout_task_{i}",
-            "name": f"task_{i}",
-            "instruction": instruction,
-            "instances": [{"input": input_text, "output": output}],
-            "is_classification": is_classification,
-        }
-        for i, (instruction, input_text, output, is_classification) in enumerate(HELDOUT)
-    ]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
+from tests.support.factories import HELDOUT, two_round_store, write_heldout
 
 
 @pytest.mark.parametrize(
@@ -149,9 +127,18 @@ def test_evaluation_of_an_identity_adapter_matches_the_base(tmp_path: Path) -> N
     )
     assert resolve_finetune_task.fn(params) == finetune_id
     lines: list[str] = []
+    updates: list[ProgressUpdate] = []
     started = datetime.now(UTC)
-    result = evaluate_finetune(store, finetune_id, params, log=lines.append)
+    with showing(updates.append):
+        result = evaluate_finetune(store, finetune_id, params, log=lines.append)
     assert lines == ["base: answered 4 held-out tasks", "finetuned: answered 4 held-out tasks"]
+    # The terminal display hears tasks answered per model, batch by batch (batch_size 3 of 4 tasks).
+    assert [(u.key, u.done, u.total, u.unit) for u in updates] == [
+        ("evaluate base", 3, 4, "tasks"),
+        ("evaluate base", 4, 4, "tasks"),
+        ("evaluate finetuned", 3, 4, "tasks"),
+        ("evaluate finetuned", 4, 4, "tasks"),
+    ]
 
     assert [a.id for a in result.answers] == [f"heldout_task_{i}" for i in range(4)]
     assert [a.base for a in result.answers] == [a.finetuned for a in result.answers]

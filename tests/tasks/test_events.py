@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from schemas import BootstrapConfig, InstanceRecord, RoundManifest
 from tasks.artifacts import store_resource_id
 from tasks.events import (
     DATA_READY,
@@ -25,7 +24,8 @@ from tasks.events import (
     store_root_url,
     trained_rounds,
 )
-from tasks.store import Store, records_to_table
+from tasks.store import Store
+from tests.support import factories
 
 
 @pytest.fixture
@@ -35,28 +35,11 @@ def store(tmp_path: Path) -> Store:
 
 def commit_round(store: Store, instances: int) -> int:
     """Commit a round whose manifest counts `instances` instances."""
-    number = store.claim_next_round("test-run")
-    table = records_to_table(
-        [
-            InstanceRecord(instruction_id="i", round=number, index=i, input="", output="o", request_key="k")
-            for i in range(instances)
-        ],
-        "instances",
+    number = factories.next_round(store)
+    records = [factories.instance("i", number, i) for i in range(instances)]
+    return factories.commit_round(
+        store, instances=records, counts={"kept": instances, "instances": instances}
     )
-    store.commit(
-        RoundManifest(
-            round=number,
-            run_id="test-run",
-            created_at=datetime.now(UTC),
-            model="m",
-            seeds_sha256="0" * 64,
-            pool_size_before=175,
-            counts={"kept": instances, "instances": instances},
-            config=BootstrapConfig(),
-            files={"instances.parquet": store.write_table(number, "instances", table)},
-        )
-    )
-    return number
 
 
 def finish_finetune(store: Store, finetune_id: str, rounds: list[int], **extra: object) -> None:

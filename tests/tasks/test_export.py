@@ -1,23 +1,17 @@
 """Fine-tuning data from committed rounds: templates, caps, dedup, shuffling, formats, and the export CLI."""
 
 import json
-from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from schemas import (
-    BootstrapConfig,
-    InstanceRecord,
-    InstructionRecord,
-    RoundManifest,
-    SamplingParams,
     SeedTask,
     Settings,
 )
 from schemas.training import ExportFormat, FinetuneParams
+from selfinstruct.cli import app
 from tasks.export import (
     ExportError,
     TemplateError,
@@ -30,120 +24,8 @@ from tasks.export import (
     to_rows,
     write_export,
 )
-from tasks.store import Store, records_to_table
-
-# Tasks for test rounds: (instruction, is_classification, [(input, output), ...]).
-TASKS: list[tuple[str, bool, list[tuple[str, str]]]] = [
-    ("Give the plural of the noun.", False, [("mouse", "mice"), ("child", "children"), ("leaf", "leaves")]),
-    ("Is the number even or odd?", True, [("14", "even"), ("9", "odd"), ("0", "even")]),
-    (
-        "Name the color you get by mixing the two colors.",
-        False,
-        [("blue and yellow", "green"), ("red and white", "pink")],
-    ),
-    ("Write the opposite of the adjective.", False, [("hot", "cold"), ("early", "late"), ("full", "empty")]),
-    ("Suggest a name for a bakery.", False, [("", "The Rolling Pin")]),
-    ("Translate the number into English words.", False, [("12", "twelve"), ("40", "forty")]),
-    (
-        "Classify the animal as mammal, bird or fish.",
-        True,
-        [("sparrow", "bird"), ("salmon", "fish"), ("goat", "mammal")],
-    ),
-    ("Give the capital city of the country.", False, [("Japan", "Tokyo"), ("Italy", "Rome")]),
-    ("Count the vowels in the word.", False, [("banana", "3"), ("sky", "0")]),
-    ("Say whether the sentence is a question or a statement.", True, [("Where is the station?", "question")]),
-    ("Name a fruit that is yellow.", False, [("", "banana")]),
-    ("Add the two numbers.", False, [("3 and 4", "7"), ("10 and 5", "15")]),
-]
-
-
-def instruction_record(round_number: int, n: int, text: str, is_classification: bool) -> InstructionRecord:
-    """An accepted instruction as a round writes it."""
-    return InstructionRecord(
-        id=f"r{round_number:05d}-{n:05d}",
-        round=round_number,
-        instruction=text,
-        request_key=f"key-{round_number}-{n}",
-        prompt_index=0,
-        in_context_ids=["seed_task_0"],
-        model="smollm2",
-        sampling=SamplingParams(),
-        max_rouge=0.1,
-        most_similar=[],
-        avg_similarity=0.05,
-        is_classification=is_classification,
-        classification_raw="Yes" if is_classification else "No",
-    )
-
-
-def write_round(
-    store: Store, tasks: Sequence[tuple[str, bool, list[tuple[str, str]]]], run_id: str = "test"
-) -> int:
-    """Commit one round holding `tasks` through the real store API; returns its number."""
-    number = store.claim_next_round(run_id)
-    instructions, instances = [], []
-    for n, (text, is_classification, pairs) in enumerate(tasks):
-        record = instruction_record(number, n, text, is_classification)
-        instructions.append(record)
-        instances += [
-            InstanceRecord(
-                instruction_id=record.id, round=number, index=k, input=i, output=o, request_key="k"
-            )
-            for k, (i, o) in enumerate(pairs)
-        ]
-    files = {
-        "instructions.parquet": store.write_table(
-            number, "instructions", records_to_table(instructions, "instructions")
-        ),
-        "instances.parquet": store.write_table(number, "instances", records_to_table(instances, "instances")),
-    }
-    store.commit(
-        RoundManifest(
-            round=number,
-            run_id=run_id,
-            created_at=datetime.now(UTC),
-            model="smollm2",
-            seeds_sha256="0" * 64,
-            pool_size_before=10,
-            counts={"kept": len(instructions), "instances": len(instances)},
-            config=BootstrapConfig(),
-            files=files,
-        )
-    )
-    return number
-
-
-def two_round_store(root: Path) -> Store:
-    """A store with TASKS split over rounds 1 and 2."""
-    store = Store(str(root))
-    write_round(store, TASKS[:6])
-    write_round(store, TASKS[6:])
-    return store
-
-
-def write_seed_file(path: Path) -> Path:
-    """A two-task seed file; its second task duplicates an instance of round 1."""
-    lines = [
-        {
-            "id": "seed_task_0",
-            "name": "shout",
-            "instruction": "Rewrite the sentence in capital letters.",
-            "instances": [{"input": "good morning", "output": "GOOD MORNING"}],
-            "is_classification": False,
-        },
-        {
-            "id": "seed_task_1",
-            "name": "plural",
-            "instruction": "Give the plural of the noun.",
-            "instances": [{"input": "mouse", "output": "mice"}],
-            "is_classification": False,
-        },
-    ]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
-
-
-# -- templates ------------------------------------------------------------------------------------------
+from tasks.store import Store
+from tests.support.factories import TASKS, commit_tasks, two_round_store, write_seed_file
 
 
 def test_templates_render_exact_prompts() -> None:
@@ -225,8 +107,8 @@ def test_examples_are_capped_deduplicated_and_shuffled_reproducibly(tmp_path: Pa
         ),
         ("Suggest a name for a bakery.", False, [("", "The Rolling Pin"), ("", "  ")]),
     ]
-    write_round(store, noisy)
-    write_round(store, [("give the  plural of the noun.", False, [("leaf", "leaves")])])
+    commit_tasks(store, noisy)
+    commit_tasks(store, [("give the  plural of the noun.", False, [("leaf", "leaves")])])
     instructions, instances = store.read_committed("instructions"), store.read_committed("instances")
 
     examples, stats = prepare_examples(instructions, instances, None, max_instances=5, seed=1)
@@ -301,18 +183,21 @@ def test_sft_rows_use_every_template_and_the_choice_is_stable(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("fmt", "columns"),
+    ("fmt", "name", "columns"),
     [
-        ("jsonl", {"instruction", "input", "output", "is_classification", "round", "id"}),
-        ("alpaca", {"instruction", "input", "output"}),
-        ("sft", {"prompt", "completion"}),
+        ("jsonl", "out.jsonl", {"instruction", "input", "output", "is_classification", "round", "id"}),
+        ("alpaca", "out.json", {"instruction", "input", "output"}),
+        ("sft", "out.jsonl", {"prompt", "completion"}),
+        ("messages", "out.jsonl", {"messages"}),
     ],
 )
-def test_export_round_trips_through_datasets(tmp_path: Path, fmt: ExportFormat, columns: set[str]) -> None:
+def test_export_round_trips_through_datasets(
+    tmp_path: Path, fmt: ExportFormat, name: str, columns: set[str]
+) -> None:
     import datasets
 
     store = two_round_store(tmp_path / "store")
-    out = tmp_path / "out" / f"{fmt}.jsonl"
+    out = tmp_path / "out" / name
     result = write_export(
         store, out, fmt, rounds="1:2", include_seeds=True, seeds_path=write_seed_file(tmp_path / "s.jsonl")
     )
@@ -323,6 +208,65 @@ def test_export_round_trips_through_datasets(tmp_path: Path, fmt: ExportFormat, 
     if fmt == "jsonl":
         assert sorted(set(loaded["round"])) == [0, 1, 2]
         assert out.read_text().splitlines()[0].startswith('{"instruction": ')
+
+
+def test_alpaca_is_one_json_array(tmp_path: Path) -> None:
+    store = two_round_store(tmp_path / "store")
+    out = tmp_path / "alpaca_data.json"
+    write_export(store, out, "alpaca", rounds="2")
+    with out.open(encoding="utf-8") as handle:
+        rows = json.load(handle)  # what Alpaca's own training script does with its data file
+    assert isinstance(rows, list) and len(rows) == 11
+    assert all(list(row) == ["instruction", "input", "output"] for row in rows)
+    assert {
+        "instruction": "Give the capital city of the country.",
+        "input": "Japan",
+        "output": "Tokyo",
+    } in rows
+
+
+def test_messages_are_conversations_trl_accepts(tmp_path: Path) -> None:
+    from trl.data_utils import is_conversational
+
+    store = two_round_store(tmp_path / "store")
+    out = tmp_path / "chat.jsonl"
+    write_export(store, out, "messages", rounds="1", system_prompt="You follow instructions.")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(is_conversational(row) for row in rows)
+    by_answer = {row["messages"][-1]["content"]: row["messages"] for row in rows}
+    assert by_answer["mice"] == [
+        {"role": "system", "content": "You follow instructions."},
+        {"role": "user", "content": "Give the plural of the noun.\n\nmouse"},
+        {"role": "assistant", "content": "mice"},
+    ]
+    assert by_answer["The Rolling Pin"][1:] == [
+        {"role": "user", "content": "Suggest a name for a bakery."},
+        {"role": "assistant", "content": "The Rolling Pin"},
+    ]
+    no_system = tmp_path / "plain.jsonl"
+    write_export(store, no_system, "messages", rounds="1")
+    first = json.loads(no_system.read_text().splitlines()[0])["messages"]
+    assert [turn["role"] for turn in first] == ["user", "assistant"] and is_conversational(
+        {"messages": first}
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "message"),
+    [
+        ("alpaca", "a.jsonl", r"alpaca writes one JSON array, so the file name must end in \.json "),
+        ("jsonl", "a.json", r"must end in \.jsonl \(\.json is for --format alpaca\)"),
+        ("messages", "a.txt", r"messages writes JSON Lines, so the file name must end in \.jsonl$"),
+        ("sft", "a", r"must end in \.jsonl"),
+    ],
+)
+def test_a_file_name_that_contradicts_the_format_is_refused(
+    tmp_path: Path, fmt: ExportFormat, name: str, message: str
+) -> None:
+    store = two_round_store(tmp_path / "store")
+    with pytest.raises(ExportError, match=message):
+        write_export(store, tmp_path / name, fmt)
+    assert not (tmp_path / name).exists()
 
 
 def test_export_errors_write_nothing(tmp_path: Path) -> None:
@@ -337,14 +281,8 @@ def test_export_errors_write_nothing(tmp_path: Path) -> None:
 
 
 def test_export_cli(tmp_path: Path) -> None:
-    import typer
-
-    from selfinstruct.cli_train import register
-
-    app = typer.Typer()
-    register(app)
     store = two_round_store(tmp_path / "store")
-    out = tmp_path / "alpaca.jsonl"
+    out = tmp_path / "alpaca.json"
     runner = CliRunner()
     result = runner.invoke(
         app,
@@ -362,8 +300,18 @@ def test_export_cli(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    assert len(out.read_text().splitlines()) == 6
+    assert len(json.loads(out.read_text())) == 6
     assert "6 rows" in result.output
+
+    wrong_name = runner.invoke(
+        app, ["export", "--format", "alpaca", "--store", store.url, str(tmp_path / "alpaca.jsonl")]
+    )
+    assert wrong_name.exit_code == 2 and not (tmp_path / "alpaca.jsonl").exists()
+    assert wrong_name.output.lstrip().startswith("error: ")
+    system_elsewhere = runner.invoke(
+        app, ["export", "--system-prompt", "x", "--store", store.url, str(tmp_path / "j.jsonl")]
+    )
+    assert system_elsewhere.exit_code == 2 and "only applies to --format messages" in system_elsewhere.output
 
     failed = runner.invoke(
         app, ["export", "--format", "sft", "--store", str(tmp_path / "none"), str(tmp_path / "n.jsonl")]
@@ -377,9 +325,12 @@ def test_export_and_training_data_on_s3(s3_settings: Settings, tmp_path: Path) -
     from tasks.finetune import upload_training_data
 
     store = Store(s3_settings.store_url, s3_settings)
-    write_round(store, TASKS[:4])
+    commit_tasks(store, TASKS[:4])
     result = write_export(store, tmp_path / "out.jsonl", "jsonl")
     assert result.rows == 11 and result.rounds == [1]
     data = upload_training_data(store, "ft-s3", FinetuneParams(store_url=store.url))
     assert data.rows["train"] + data.rows["validation"] == 11
-    assert store.list_names("finetunes/ft-s3/data") == ["train.jsonl", "validation.jsonl"]
+    assert store.list_names("finetunes/ft-s3/dataset/data") == [
+        "train-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet",
+    ]

@@ -2,56 +2,42 @@
 
 import hashlib
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from schemas.training import FinetuneManifest, FinetuneMetrics, FinetuneParams
+from tasks.dataset import DatasetSpec, build_dataset_folder
 from tasks.events import trained_rounds
 from tasks.export import ExportError, load_templates
 from tasks.finetune import (
-    EMBEDDED_GGUF,
     FinetuneError,
-    build_training_data,
-    embedded_gguf_path,
+    dataset_spec,
     latest_finetune,
     load_base_model,
+    load_training_splits,
     new_finetune_id,
     read_finetune_manifest,
-    read_rows,
     register_with_vllm,
     resolve_base_model,
     train_from_store,
     upload_training_data,
     write_manifest,
 )
+from tasks.llm_server import embedded_model_path
+from tasks.progress import ProgressUpdate, showing
 from tasks.store import Store
-from tests.tasks.test_export import two_round_store
-
-# Small enough for ~1 minute on 2 shared cores, large enough that the loss falls clearly.
-TRAIN_KNOBS: dict[str, Any] = {
-    "max_steps": 12,
-    "lr": 2e-3,
-    "batch_size": 4,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "max_length": 96,
-    "validation_fraction": 0.2,
-    "seed": 0,
-    "torch_threads": 1,  # 2 threads on 2 cores shared with other processes ran 4x slower than 1
-}
+from tests.support.factories import TRAIN_KNOBS, two_round_store
+from tests.support.fake_openai import FakeOpenAI, VLLMMode
 
 
 def test_base_model_specs(tmp_path: Path) -> None:
     embedded = resolve_base_model(None)
     assert embedded == resolve_base_model("embedded")
-    assert embedded.gguf_file == EMBEDDED_GGUF and Path(embedded.location) == embedded_gguf_path().parent
-    assert resolve_base_model(str(embedded_gguf_path())) == embedded
+    shipped = embedded_model_path()  # the same file the embedded llama.cpp server loads
+    assert embedded.gguf_file == shipped.name and Path(embedded.location) == shipped.parent
+    assert resolve_base_model(str(shipped)) == embedded
     single = tmp_path / "one-gguf"
     single.mkdir()
     (single / "model.Q8_0.gguf").write_bytes(b"")
@@ -66,24 +52,38 @@ def test_base_model_specs(tmp_path: Path) -> None:
         resolve_base_model(str(tmp_path / "missing.gguf"))
 
 
-def test_training_data_is_split_and_checksummed(tmp_path: Path) -> None:
+def test_training_data_is_the_exported_dataset_folder(tmp_path: Path) -> None:
     store = two_round_store(tmp_path / "store")
     params = FinetuneParams(store_url=store.url, rounds=[2], validation_fraction=0.34, seed=5)
-    train, validation, rounds, stats, seeds_sha = build_training_data(store, params)
-    assert rounds == [2] and seeds_sha is None
-    train_rows, validation_rows = read_rows(train), read_rows(validation)
-    assert len(train_rows) + len(validation_rows) == stats.rows == 11
-    assert validation_rows and all(set(r) == {"prompt", "completion"} for r in train_rows + validation_rows)
-
     summary = upload_training_data(store, "ft-test", params)
-    assert store.get_bytes("finetunes/ft-test/data/train.jsonl") == train
-    assert summary.sha256["train"] == hashlib.sha256(train).hexdigest()
-    assert summary.rows == {"train": len(train_rows), "validation": len(validation_rows)}
+    assert summary.rounds == [2] and summary.seeds_sha256 is None
+    assert summary.rows["train"] + summary.rows["validation"] == summary.stats.rows == 11
+    assert summary.rows["validation"] > 0
+    assert "dataset/README.md" in summary.files
+    for name, sha in summary.sha256.items():
+        assert hashlib.sha256(store.get_bytes(f"finetunes/ft-test/{name}")).hexdigest() == sha
+
+    # The same folder as `selfinstruct export --to` with the same options: byte for byte.
+    exported = build_dataset_folder(store, dataset_spec(params), tmp_path / "export")
+    assert exported.fingerprint == summary.fingerprint
+    assert {f"dataset/{n}": s for n, s in exported.files.items()} == summary.sha256
+
+    train, validation = load_training_splits(store, "ft-test", tmp_path / "scratch", summary.fingerprint)
+    assert (len(train), len(validation)) == (summary.rows["train"], summary.rows["validation"])
+    assert all(set(r) == {"prompt", "completion"} for r in train + validation)
+
+    # A shard swapped for a valid shard of another export is caught before training.
+    build_dataset_folder(store, DatasetSpec(rounds=[1]), tmp_path / "other")
+    other = (tmp_path / "other" / "data" / "train-00000-of-00001.parquet").read_bytes()
+    store.put_bytes("finetunes/ft-test/dataset/data/train-00000-of-00001.parquet", other)
+    with pytest.raises(FinetuneError, match="dataset files changed since they were built"):
+        load_training_splits(store, "ft-test", tmp_path / "scratch2", summary.fingerprint)
 
     with pytest.raises(ExportError, match=r"rounds 3, 7 are not committed \(committed: 1-2\)"):
-        build_training_data(store, params.model_copy(update={"rounds": [1, 3, 7]}))
+        upload_training_data(store, "ft-x", params.model_copy(update={"rounds": [1, 3, 7]}))
     with pytest.raises(ExportError, match="has no committed rounds"):
-        build_training_data(Store(str(tmp_path / "empty")), params)
+        upload_training_data(Store(str(tmp_path / "empty")), "ft-y", params)
+    assert store.list_names("finetunes") == ["ft-test"]
 
 
 def test_every_template_prompt_is_a_token_prefix_of_prompt_plus_answer() -> None:
@@ -105,8 +105,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, FinetuneMa
     finetune_id = new_finetune_id()
     data = upload_training_data(store, finetune_id, params)
     lines: list[str] = []
-    adapter = train_from_store(store, finetune_id, params, log=lines.append)
+    updates: list[ProgressUpdate] = []
+    with showing(updates.append):
+        adapter = train_from_store(store, finetune_id, params, log=lines.append, fingerprint=data.fingerprint)
     assert lines[0].startswith("step 1/12: loss ")
+    # The terminal display (a TrainerCallback) hears every step and the latest loss.
+    assert ProgressUpdate("finetune", done=0, total=12, unit="steps") in updates
+    assert sum(1 for u in updates if u.note and u.note.startswith("validation loss ")) == 2  # before, after
+    assert [u.done for u in updates if u.done] == list(range(1, 13))
+    assert sum(1 for u in updates if u.note and u.note.startswith("loss ")) == 12
     return store, write_manifest(store, params, data, adapter)
 
 
@@ -126,15 +133,17 @@ def test_fine_tune_is_recorded_in_the_store(trained: tuple[Store, FinetuneManife
     base = f"finetunes/{manifest.finetune_id}"
     assert manifest.rounds == [1, 2] and not manifest.dry_run
     assert manifest.rows["train"] + manifest.rows["validation"] == 25
-    train = store.get_bytes(f"{base}/data/train.jsonl")
-    assert manifest.sha256["train"] == hashlib.sha256(train).hexdigest()
+    train = store.get_bytes(f"{base}/dataset/data/train-00000-of-00001.parquet")
+    assert manifest.sha256["dataset/data/train-00000-of-00001.parquet"] == hashlib.sha256(train).hexdigest()
+    assert manifest.dataset_fingerprint is not None and len(manifest.dataset_fingerprint) == 64
     for name in (
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
         "adapter/tokenizer.json",
         "training_config.json",
         "metrics.json",
-        "data/validation.jsonl",
+        "dataset/README.md",
+        "dataset/data/validation-00000-of-00001.parquet",
     ):
         assert name in manifest.files and store.exists(f"{base}/{name}"), name
     assert not store.exists(f"{base}/adapter/training_args.bin")
@@ -151,52 +160,50 @@ def test_dry_run_writes_data_and_manifest_only(trained: tuple[Store, FinetuneMan
     dry_id = new_finetune_id()
     dry = write_manifest(store, params, upload_training_data(store, dry_id, params), None)
     assert dry.dry_run and dry.metrics is None and dry.rounds == [1]
-    assert dry.files == ["data/train.jsonl", "data/validation.jsonl"]
+    assert dry.files == [
+        "dataset/README.md",
+        "dataset/data/train-00000-of-00001.parquet",
+        "dataset/data/validation-00000-of-00001.parquet",
+    ]
     assert trained_rounds(json.loads(store.get_bytes(f"finetunes/{dry_id}/manifest.json"))) == []
     assert latest_finetune(store) == manifest.finetune_id  # a dry run has nothing to evaluate
     with pytest.raises(FinetuneError, match="no finished fine-tune 'ft-nope'"):
         read_finetune_manifest(store, "ft-nope")
 
 
-@pytest.fixture
-def lora_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """A loopback server speaking vLLM's runtime LoRA endpoint (vLLM itself needs CUDA, absent here)."""
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-            if self.path != "/v1/load_lora_adapter":
-                self.send_response(404)
-            elif body["lora_name"] in {r["body"]["lora_name"] for r in received[:-1]}:
-                self.send_response(400)  # vLLM refuses a name that is already loaded
-            else:
-                self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok" if self.path == "/v1/load_lora_adapter" else b"not found")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", received
-    server.shutdown()
-    server.server_close()
+def _adapter(folder: Path, rank: int) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    return str(folder)
 
 
-def test_register_with_vllm(lora_server: tuple[str, list[dict[str, Any]]]) -> None:
-    url, received = lora_server
-    register_with_vllm(f"{url}/v1", "ft-a", "/adapters/ft-a", api_key="secret")
-    register_with_vllm(url, "ft-b", "/adapters/ft-b")
-    assert [r["body"] for r in received] == [
-        {"lora_name": "ft-a", "lora_path": "/adapters/ft-a"},
-        {"lora_name": "ft-b", "lora_path": "/adapters/ft-b"},
-    ]
-    assert received[0]["auth"] == "Bearer secret" and received[1]["auth"] is None
-    with pytest.raises(FinetuneError, match="refused adapter ft-a: 400"):
-        register_with_vllm(url, "ft-a", "/adapters/ft-a")
+def test_register_with_vllm_is_idempotent(tmp_path: Path) -> None:
+    """Finding 1: a retried registration gets vLLM's 400 "already been loaded", which is success."""
+    with FakeOpenAI(vllm=VLLMMode(runtime_lora_updating=True), api_key="secret") as fake:
+        register_with_vllm(fake.url, "ft-a", _adapter(tmp_path / "a", 8), api_key="secret")
+        register_with_vllm(
+            fake.url.removesuffix("/v1"), "ft-a", _adapter(tmp_path / "a", 8), api_key="secret"
+        )
+        assert fake.adapters == {"ft-a": str(tmp_path / "a")}
+        with pytest.raises(FinetuneError, match=r"refused adapter ft-b: 500.*greater than max_lora_rank 16"):
+            register_with_vllm(fake.url, "ft-b", _adapter(tmp_path / "b", 32), api_key="secret")
+        with pytest.raises(FinetuneError, match=r"refused adapter ft-c: 404.*No adapter found"):
+            register_with_vllm(fake.url, "ft-c", str(tmp_path / "missing"), api_key="secret")
     with pytest.raises(FinetuneError, match=r"vLLM at http://127\.0\.0\.1:1/v1"):
         register_with_vllm("http://127.0.0.1:1", "ft-c", "/x", timeout_s=2)
+
+
+def test_register_with_a_vllm_without_runtime_lora_says_how_to_start_it(tmp_path: Path) -> None:
+    with (
+        FakeOpenAI(vllm=VLLMMode(runtime_lora_updating=False)) as fake,
+        pytest.raises(FinetuneError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=true"),
+    ):
+        register_with_vllm(fake.url, "ft-a", _adapter(tmp_path / "a", 8))
+
+
+def test_lora_rank_is_checked_against_the_servers_limit_before_training() -> None:
+    """Finding 4: vLLM refuses an adapter above its --max-lora-rank; find out before training, not after."""
+    with pytest.raises(ValidationError, match=r"lora_r=32 is above the vLLM server's max LoRA rank \(16\)"):
+        FinetuneParams(vllm_url="http://127.0.0.1:8000/v1", lora_r=32)
+    assert FinetuneParams(vllm_url="http://127.0.0.1:8000/v1", lora_r=32, vllm_max_lora_rank=64).lora_r == 32
+    assert FinetuneParams(lora_r=32).lora_r == 32  # nothing to register with, nothing to check

@@ -23,7 +23,6 @@ from tasks.llm import (
     generate,
     generate_chunk,
     generate_in_tasks,
-    redact_url,
 )
 from tests.support.fake_openai import FakeOpenAI, FaultConfig, fake_completion
 
@@ -98,10 +97,6 @@ def test_completion_key_separates_prompts(a: str, b: str) -> None:
     assert (completion_key("m", a, PARAMS, 0) == completion_key("m", b, PARAMS, 0)) == (a == b)
 
 
-def test_redact_url_removes_credentials() -> None:
-    assert redact_url("https://user:pw@llm.example:8443/v1/?key=s3cret") == "https://llm.example:8443/v1"
-
-
 # -- the real embedded server ---------------------------------------------------------------------------
 
 
@@ -172,11 +167,17 @@ def test_a_round_completes_on_a_flaky_server(fake_openai: FakeFactory) -> None:
 
 
 def test_client_errors_fail_fast_with_the_server_message(fake_openai: FakeFactory) -> None:
-    fake = fake_openai(faults=FaultConfig(script=deque(["400"]), error_message_400="max_tokens is too large"))
+    """A 400 is never retried as such; the batch is sent once more prompt by prompt (to find a prompt the
+    server cannot take), and when every prompt is refused alone for no prompt-specific reason, it fails."""
+    fake = fake_openai(faults=FaultConfig(p_400=1.0, error_message_400="max_tokens is too large"))
     client = fast_client([fake.url], backoff_s=5)
     with pytest.raises(LLMError, match=r"HTTP 400.*max_tokens is too large") as info:
         run(generate_with(client, requests_for(8), PARAMS, None, batch_size=8, concurrency=1))
-    assert not info.value.retryable and fake.requests == 1
+    assert not info.value.retryable and fake.requests == 1 + 8
+    single = fake_openai(faults=FaultConfig(p_400=1.0))
+    with pytest.raises(LLMError, match=r"HTTP 400"):
+        run(generate_with(fast_client([single.url]), requests_for(1), PARAMS, None, 1, 1))
+    assert single.requests == 1
 
 
 def test_unknown_model_is_a_clear_error(fake_openai: FakeFactory) -> None:
@@ -276,15 +277,17 @@ def test_batches_carry_one_seed_and_duplicates_are_sent_once(fake_openai: FakeFa
 
 def test_progress_reaches_the_total(fake_openai: FakeFactory) -> None:
     fake = fake_openai()
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
     client = fast_client([fake.url])
-    run(
+    records = run(
         generate_with(
-            client, requests_for(10), PARAMS, None, 3, 2, on_progress=lambda d, t: seen.append((d, t))
+            client, requests_for(10), PARAMS, None, 3, 2, on_progress=lambda d, t, k: seen.append((d, t, k))
         )
     )
-    assert seen[0] == (0, 10) and seen[-1] == (10, 10)
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[0] == (0, 10, 0) and seen[-1] == (10, 10, sum(r.completion_tokens for r in records))
+    assert seen[-1][2] > 0  # tokens the server generated, for a tokens/s display
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
+    assert [k for _, _, k in seen] == sorted(k for _, _, k in seen)
 
 
 # -- the completion cache -------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def test_cached_record_takes_the_requesting_stage(fake_openai: FakeFactory) -> N
 
 
 def test_finished_batches_stay_cached_when_the_round_fails(fake_openai: FakeFactory) -> None:
-    fake = fake_openai(faults=FaultConfig(script=deque([None, "400"])))
+    fake = fake_openai(faults=FaultConfig(script=deque([None]), p_400=1.0))
     cache = DictCache()
     with pytest.raises(LLMError):
         run(generate_with(fast_client([fake.url]), requests_for(4), PARAMS, cache, 2, 1))
@@ -383,7 +386,7 @@ def test_generate_in_tasks_runs_one_task_per_chunk(prefect_server: None, fake_op
 
     progress: list[tuple[int, int, bool]] = []
 
-    def on_progress(done: int, total: int) -> None:
+    def on_progress(done: int, total: int, tokens: int) -> None:
         # Progress arrives off the event loop, so that it may call Prefect's sync API (artifacts).
         try:
             asyncio.get_running_loop()

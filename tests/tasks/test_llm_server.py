@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -17,8 +18,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from schemas import Settings
 from selfinstruct.cli_llm import llm_app
-from tasks.llm_server import EmbeddedServer, port_in_use, resolve_model, vllm_command
+from tasks.llm_server import SMOLLM2, EmbeddedServer, VLLMServe, port_in_use, resolve_model, vllm_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,9 +117,59 @@ def test_child_exits_when_its_parent_goes_away(tmp_path: Path) -> None:
 def test_vllm_command() -> None:
     assert vllm_command("org/model", 8001, 2, True, 0.8, ("--max-model-len", "4096")) == [
         "vllm", "serve", "org/model", "--host", "127.0.0.1", "--port", "8001",
-        "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.8", "--enable-lora",
-        "--max-model-len", "4096",
+        "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.8", "--generation-config", "vllm",
+        "--enable-lora", "--max-model-len", "4096",
     ]  # fmt: skip
+
+
+def test_vllm_short_names_load_the_hub_model_and_are_served_under_the_short_name() -> None:
+    """Finding 2: `smollm2-135m-instruct` is not a model vLLM can load, but the client's default name."""
+    spec = VLLMServe(SMOLLM2)
+    command = spec.command(8000)
+    assert command[:3] == ["vllm", "serve", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert command[command.index("--served-model-name") + 1] == SMOLLM2 == Settings().model
+    assert "--served-model-name" not in VLLMServe("org/model").command(8000)
+    assert VLLMServe("org/model").served_name() == "org/model"
+    named = VLLMServe("/models/qwen", served_model_name="qwen").command(8000)
+    assert named[2] == "/models/qwen" and named[named.index("--served-model-name") + 1] == "qwen"
+
+
+def test_vllm_lora_serving_sets_the_runtime_loading_environment_and_limits() -> None:
+    """Findings 1 and 4: without the variable vLLM does not mount /v1/load_lora_adapter."""
+    assert VLLMServe("m").environment() == {}
+    spec = VLLMServe("m", enable_lora=True, max_lora_rank=64, max_loras=4)
+    assert spec.environment() == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
+    command = spec.command(8000)
+    assert command[command.index("--max-lora-rank") + 1] == "64"
+    assert command[command.index("--max-loras") + 1] == "4"
+
+
+def test_serve_print_command_shows_the_exact_command_and_environment() -> None:
+    args = ["serve", "--engine", "vllm", "--model", "org/model", "--enable-lora", "--port", "8123"]
+    args += ["--served-model-name", "gen", "--max-lora-rank", "64", "--max-loras", "2", "--print-command"]
+    result = CliRunner().invoke(llm_app, [*args, "--", "--max-model-len", "8192", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    command, clients = result.output.strip().splitlines()
+    assert shlex.split(command) == [
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true",
+        "vllm", "serve", "org/model", "--host", "127.0.0.1", "--port", "8123", "--served-model-name", "gen",
+        "--tensor-parallel-size", "1", "--gpu-memory-utilization", "0.9", "--generation-config", "vllm",
+        "--enable-lora", "--max-lora-rank", "64", "--max-loras", "2",
+        "--max-model-len", "8192", "--seed", "3",
+    ]  # fmt: skip
+    assert clients == "# rounds: SELFINSTRUCT_LLM_URL=http://127.0.0.1:8123/v1 SELFINSTRUCT_MODEL=gen"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-lora-rank", "24", "--enable-lora"], "--max-lora-rank 24: vLLM accepts one of"),
+        (["--max-loras", "2"], "--max-lora-rank and --max-loras need --enable-lora"),
+    ],
+)
+def test_serve_vllm_refuses_lora_limits_vllm_would_refuse(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(llm_app, ["serve", "--engine", "vllm", "--print-command", *args])
+    assert result.exit_code == 2 and message in result.output
 
 
 # -- the CLI --------------------------------------------------------------------------------------------
@@ -130,6 +182,8 @@ def test_vllm_command() -> None:
         (["--engine", "vllm", "--threads", "2"], "--threads: only for --engine llamacpp"),
         (["--engine", "llamacpp", "--enable-lora"], "--enable-lora: only for --engine vllm, not llamacpp"),
         (["--tensor-parallel-size", "2"], "--tensor-parallel-size: only for --engine vllm"),
+        (["--served-model-name", "x"], "--served-model-name: only for --engine vllm"),
+        (["--", "--max-model-len", "8"], "-- VLLM_ARGS: only for --engine vllm"),
     ],
 )
 def test_serve_rejects_flags_of_the_other_engine(args: list[str], message: str) -> None:

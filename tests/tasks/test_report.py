@@ -1,19 +1,12 @@
 """The round report: statistics on exact inputs, a self-contained HTML page, written into a real store."""
 
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from schemas import (
-    BootstrapConfig,
-    InstanceRecord,
-    InstructionRecord,
-    RejectionRecord,
-    RoundManifest,
-    SamplingParams,
     Settings,
 )
 from tasks.report import (
@@ -31,7 +24,8 @@ from tasks.report import (
     verb_and_object,
     write_report,
 )
-from tasks.store import Store, StoreError, records_to_table
+from tasks.store import Store, StoreError
+from tests.support import factories
 from tests.support.s3 import SECRET_KEY
 
 INSTRUCTIONS = [
@@ -43,70 +37,27 @@ INSTRUCTIONS = [
 ]
 
 
-def _instruction(number: int, i: int, text: str, rouge: float) -> InstructionRecord:
-    return InstructionRecord(
-        id=f"r{number:05d}-{i:05d}",
-        round=number,
-        instruction=text,
-        request_key="k",
-        prompt_index=0,
-        in_context_ids=["seed_task_0"],
-        model="m",
-        sampling=SamplingParams(),
-        max_rouge=rouge,
-        most_similar=[],
-        avg_similarity=0.1,
-        is_classification=False,
-    )
-
-
 def commit_round(store: Store, kept: list[tuple[str, float]], pool_before: int = 175) -> int:
     """Commit a round holding `kept` instructions, one instance each, and a few rejections."""
-    number = store.claim_next_round("test-run")
-    instructions = [_instruction(number, i, text, rouge) for i, (text, rouge) in enumerate(kept)]
+    number = factories.next_round(store)
+    instructions = [
+        factories.instruction(number, i, text, max_rouge=rouge, avg_similarity=0.1, classification_raw=None)
+        for i, (text, rouge) in enumerate(kept)
+    ]
     instances = [
-        InstanceRecord(
-            instruction_id=r.id,
-            round=number,
-            index=0,
-            input="" if i % 2 else "some input text",
-            output="an output",
-            request_key="k",
-        )
+        factories.instance(r.id, number, input="" if i % 2 else "some input text", output="an output")
         for i, r in enumerate(instructions)
     ]
     rejected = [
-        RejectionRecord(round=number, stage="instruction", reason="too_short", text="Hi."),
-        RejectionRecord(round=number, stage="instruction", reason="too_short", text="Go."),
-        RejectionRecord(round=number, stage="dedup", reason="rouge_l>0.7", text="x", max_rouge=0.92),
-        RejectionRecord(round=number, stage="instance", reason="no_valid_instance", text="y", max_rouge=0.25),
+        factories.rejection(number, "too_short", text="Hi."),
+        factories.rejection(number, "too_short", text="Go."),
+        factories.rejection(number, "rouge_l>0.7", stage="dedup", text="x", max_rouge=0.92),
+        factories.rejection(number, "no_valid_instance", stage="instance", text="y", max_rouge=0.25),
     ]
-    files = {
-        f"{name}.parquet": store.write_table(number, name, records_to_table(records, name))
-        for name, records in (
-            ("instructions", instructions),
-            ("instances", instances),
-            ("rejected", rejected),
-        )
-    }
-    store.commit(
-        RoundManifest(
-            round=number,
-            run_id="test-run",
-            created_at=datetime.now(UTC),
-            model="m",
-            seeds_sha256="0" * 64,
-            pool_size_before=pool_before,
-            counts={
-                "kept": len(instructions),
-                "instances": len(instances),
-                "rejected:instruction:too_short": 2,
-            },
-            config=BootstrapConfig(),
-            files=files,
-        )
+    counts = {"kept": len(instructions), "instances": len(instances), "rejected:instruction:too_short": 2}
+    return factories.commit_round(
+        store, instructions, instances, rejected, counts=counts, pool_size_before=pool_before
     )
-    return number
 
 
 def test_histogram_bins_edges_and_clipping() -> None:
@@ -222,7 +173,7 @@ def test_report_is_written_into_the_committed_round(
         # An object store's report opens in a browser through a presigned URL, without credentials.
         link = report_link(store, number)
         assert location.startswith("s3://") and link.startswith("http://127.0.0.1:")
-        assert "X-Amz-Signature=" in link and SECRET_KEY not in link
+        assert "Signature=" in link and SECRET_KEY not in link
         page = httpx.get(link, timeout=30)
         assert page.status_code == 200 and page.text.startswith("<!DOCTYPE html>")
 

@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
-from schemas import BootstrapConfig, CompletionRecord, InstructionRecord, SamplingParams
+from prefect.cache_policies import NO_CACHE
+
+from schemas import BootstrapConfig, Settings
+from tasks import steps
 from tasks.pool import load_pool
 from tasks.seeds import load_seeds
 from tasks.steps import (
@@ -12,71 +15,51 @@ from tasks.steps import (
     collect_candidates,
     collect_instances,
     dedup_candidates,
+    dedup_candidates_task,
+    open_round,
     plan_instruction_prompts,
     round_counts,
-    write_round,
+    write_round_task,
 )
 from tasks.store import Store
+from tests.support import factories
 
 CONFIG = BootstrapConfig(prompts_per_round=3)
 
 
-def _completion(
-    text: str, key: str = "k", finish_reason: str = "stop", stage: str = "instruction"
-) -> CompletionRecord:
-    return CompletionRecord(
-        key=key,
-        stage=stage,
-        request_id="req",
-        prompt="p",
-        text=text,
-        finish_reason=finish_reason,  # type: ignore[arg-type]
-        prompt_tokens=1,
-        completion_tokens=1,
-        latency_s=0.1,
-        model="m",
-        base_url="http://127.0.0.1:1/v1",
-        seed=1,
-    )
-
-
 def _commit_round(store: Store, texts: list[str]) -> None:
-    """Commit a round through the same steps the flow uses."""
-    seeds, digest = load_seeds()
-    pool = load_pool(store, seeds, "rouge")
-    number = store.claim_next_round(f"run-{len(store.committed_rounds()) + 1}")
+    """Commit a round through the same steps the flow uses, passing only the values the flow passes."""
+    settings = Settings(store_url=store.url)
+    ctx = open_round.fn(store.url, None, CONFIG, settings, f"run-{len(store.committed_rounds()) + 1}")
     plan = PromptPlan(0, "prompt", ["seed_task_0"], 9)
-    start, vocab_start = len(pool.index), pool.index.vocab_size
-    accepted, rejected = dedup_candidates(
-        [Candidate(t, plan, _completion(t)) for t in texts], pool, CONFIG, number, "m", None
-    )
+    candidates = [Candidate(t, plan, factories.completion(t)) for t in texts]
+    dedup = dedup_candidates_task.fn(candidates, ctx, CONFIG, settings)
     classified = [
-        r.model_copy(update={"is_classification": False, "classification_raw": "No"}) for r in accepted
+        r.model_copy(update={"is_classification": False, "classification_raw": "No"}) for r in dedup.accepted
     ]
     outputs = [
-        _completion("Example 1\nInput: a\nOutput: b", key=f"i{i}", stage="instance")
+        factories.completion("Example 1\nInput: a\nOutput: b", key=f"i{i}", stage="instance")
         for i in range(len(classified))
     ]
-    kept, instances, unusable = collect_instances(classified, outputs, CONFIG, number)
-    write_round(
-        store,
-        pool,
+    kept, instances, unusable = collect_instances(classified, outputs, CONFIG, ctx.number)
+    write_round_task.fn(
+        ctx,
         RoundResult(
-            number=number,
-            run_id=f"run-{number}",
+            number=ctx.number,
+            run_id=ctx.run_id,
             model="m",
-            seeds_sha256=digest,
-            pool_size_before=pool.size,
-            index_start=start,
-            vocab_start=vocab_start,
+            seeds_sha256=ctx.seeds_sha256,
+            pool_size_before=ctx.pool_size_before,
             prompts=1,
             candidates_parsed=len(texts),
             instructions=kept,
             instances=instances,
-            rejected=rejected + unusable,
+            rejected=dedup.rejected + unusable,
             completions=outputs,
         ),
+        dedup.delta,
         CONFIG,
+        settings,
     )
 
 
@@ -93,7 +76,7 @@ def test_second_round_is_deduplicated_against_the_first(tmp_path: Path) -> None:
     plan = PromptPlan(0, "prompt", [], 9)
     again = "Summarize the plot of your favourite novel in three sentences."
     accepted, rejected = dedup_candidates(
-        [Candidate(again, plan, _completion(again))], pool, CONFIG, 2, "m", None
+        [Candidate(again, plan, factories.completion(again))], pool, CONFIG, 2, "m", None
     )
     assert accepted == []
     assert rejected[0].reason == "rouge_l>0.7"
@@ -125,11 +108,11 @@ def test_loaded_pool_decides_like_a_freshly_tokenized_one(tmp_path: Path) -> Non
 def test_filters_and_parsing_record_every_rejection() -> None:
     plans = [PromptPlan(0, "p0", [], 9), PromptPlan(1, "p1", [], 9)]
     completions = [
-        _completion(
+        factories.completion(
             " Describe the image below in detail.\n10. Write a program that sorts numbers.\n11. Hi\n"
             "12. Explain how tides are caused by the moon."
         ),
-        _completion(""),
+        factories.completion(""),
     ]
     candidates, rejected = collect_candidates(plans, completions, CONFIG, 1)
     assert [c.text for c in candidates] == ["Explain how tides are caused by the moon."]
@@ -142,23 +125,9 @@ def test_filters_and_parsing_record_every_rejection() -> None:
 
 
 def test_instruction_without_valid_instances_is_rejected_and_counts_agree() -> None:
-    record = InstructionRecord(
-        id="r00001-00000",
-        round=1,
-        instruction="Name a colour.",
-        request_key="k",
-        prompt_index=0,
-        in_context_ids=[],
-        model="m",
-        sampling=SamplingParams(),
-        max_rouge=0.2,
-        most_similar=[],
-        avg_similarity=0.1,
-        is_classification=False,
-        classification_raw="No",
-    )
+    record = factories.instruction(1, 0, "Name a colour.", in_context_ids=[], max_rouge=0.2)
     kept, instances, rejected = collect_instances(
-        [record], [_completion("Example 1\nInput: x\nOutput:")], CONFIG, 1
+        [record], [factories.completion("Example 1\nInput: x\nOutput:")], CONFIG, 1
     )
     assert kept == [] and instances == []
     assert [r.reason for r in rejected][-1] == "no_valid_instance"
@@ -174,3 +143,42 @@ def test_prompt_plans_are_reproducible_per_round(tmp_path: Path) -> None:
     assert first == plan_instruction_prompts(pool, CONFIG, 3)
     assert first != plan_instruction_prompts(pool, CONFIG, 4)
     assert all(len(p.in_context_ids) == 8 and p.first_number == 9 for p in first)
+
+
+def test_steps_pass_small_values_and_the_commit_writes_the_dedup_delta(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    _commit_round(store, ["Summarize the plot of your favourite novel in exactly three sentences."])
+    settings = Settings(store_url=store.url)
+    ctx = open_round.fn(store.url, None, CONFIG, settings, "run-2")
+    assert (ctx.number, ctx.rounds) == (2, [1])
+    assert ctx.pool_size_before == len(load_seeds()[0]) + 1
+    plan = PromptPlan(0, "prompt", [], 9)
+    texts = ["Name three rivers of Africa.", "Name three rivers in Africa.", "Write a haiku about rain."]
+    dedup = dedup_candidates_task.fn(
+        [Candidate(t, plan, factories.completion(t)) for t in texts], ctx, CONFIG, settings
+    )
+    assert [r.instruction for r in dedup.accepted] == [texts[0], texts[2]]
+    assert dedup.delta.entries.column("id").to_pylist() == ["r00002-00000", "r00002-00002"]
+    # The step loaded its own pool: a second call decides the same, nothing was kept between them.
+    again = dedup_candidates_task.fn(
+        [Candidate(t, plan, factories.completion(t)) for t in texts], ctx, CONFIG, settings
+    )
+    assert again.accepted == dedup.accepted
+    entries, _ = dedup.delta.kept(["r00002-00002"])
+    assert entries.column("text").to_pylist() == [texts[2]]
+
+
+def test_no_round_step_hashes_its_inputs() -> None:
+    """Prefect's default cache policy would pickle every input to hash it; the round's steps opt out."""
+    tasks = [
+        value for value in vars(steps).values() if hasattr(value, "cache_policy") and hasattr(value, "fn")
+    ]
+    assert {t.name for t in tasks} >= {
+        "open-round",
+        "plan-instruction-prompts",
+        "parse-and-filter",
+        "rouge-dedup",
+        "parse-and-filter-instances",
+        "commit-round",
+    }
+    assert all(t.cache_policy is NO_CACHE for t in tasks)

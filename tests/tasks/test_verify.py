@@ -1,11 +1,11 @@
 """Store verification finds tampered files, duplicate instructions and dangling rounds."""
 
-from datetime import UTC, datetime
 from pathlib import Path
 
-from schemas import BootstrapConfig, InstructionRecord, RoundManifest, SamplingParams, SeedInstance, SeedTask
-from tasks.store import Store, records_to_table
+from schemas import SeedInstance, SeedTask
+from tasks.store import Store
 from tasks.verify import clean_dangling, verify_store
+from tests.support import factories
 
 SEEDS = [
     SeedTask(
@@ -19,40 +19,11 @@ SEEDS = [
 
 
 def _commit(store: Store, texts: list[str]) -> int:
-    number = store.claim_next_round(f"run-{len(store.committed_rounds())}")
-    records = [
-        InstructionRecord(
-            id=f"r{number:05d}-{i:05d}",
-            round=number,
-            instruction=text,
-            request_key="k",
-            prompt_index=0,
-            in_context_ids=["seed_task_0"],
-            model="m",
-            sampling=SamplingParams(),
-            max_rouge=0.1,
-            most_similar=[],
-            avg_similarity=0.05,
-            is_classification=False,
-            classification_raw="No",
-        )
-        for i, text in enumerate(texts)
-    ]
-    entry = store.write_table(number, "instructions", records_to_table(records, "instructions"))
-    store.commit(
-        RoundManifest(
-            round=number,
-            run_id=f"run-{number - 1}",
-            created_at=datetime.now(UTC),
-            model="m",
-            seeds_sha256="0" * 64,
-            pool_size_before=1,
-            counts={"kept": len(records)},
-            config=BootstrapConfig(),
-            files={"instructions.parquet": entry},
-        )
+    number = factories.next_round(store)
+    records = [factories.instruction(number, i, text) for i, text in enumerate(texts)]
+    return factories.commit_round(
+        store, records, run_id=f"run-{number - 1}", counts={"kept": len(records)}, pool_size_before=1
     )
-    return number
 
 
 def test_clean_store_verifies(tmp_path: Path) -> None:
