@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from schemas import Settings
-from selfinstruct import cli_ops, cli_train
+from selfinstruct import cli_audit, cli_ops, cli_train
 from selfinstruct.cli_llm import llm_app
 from selfinstruct.console import console, errors, fail
 from selfinstruct.inputs import (
@@ -267,6 +267,7 @@ def verify(
 
 cli_ops.register(app)
 cli_train.register(app)
+cli_audit.register(app)
 app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")
 
 

@@ -24,12 +24,15 @@ def _field_of(error: ValidationError) -> str:
     return f"field '{location}': {first['msg']}"
 
 
-def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
+def parse_seed_lines(lines: list[str], source: str, repeated_instructions: bool = False) -> list[SeedTask]:
     """Parse seed tasks from JSONL lines.
 
     Args:
         lines: The file's lines; blank lines are skipped.
         source: The file name used in error messages.
+        repeated_instructions: Accept one instruction on several lines when their inputs differ (held-out
+            files test one task on several inputs); a line repeating both instruction and inputs is still
+            refused. Seed files keep every instruction unique: the pool must not hold one twice.
 
     Returns:
         The tasks in file order.
@@ -56,9 +59,12 @@ def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
         if task.id in seen_ids:
             raise SeedFileError(f"{source}:{number}: field 'id': duplicate of line {seen_ids[task.id]}")
         key = task.instruction.strip().lower()
+        if repeated_instructions:
+            key = json.dumps([key, [i.input.strip() for i in task.instances]])
         if key in seen_instructions:
+            same = " with the same inputs" if repeated_instructions else ""
             raise SeedFileError(
-                f"{source}:{number}: field 'instruction': duplicate of line {seen_instructions[key]}"
+                f"{source}:{number}: field 'instruction': duplicate of line {seen_instructions[key]}{same}"
             )
         seen_ids[task.id] = number
         seen_instructions[key] = number
@@ -68,11 +74,12 @@ def parse_seed_lines(lines: list[str], source: str) -> list[SeedTask]:
     return tasks
 
 
-def load_seeds(path: Path | None = None) -> tuple[list[SeedTask], str]:
+def load_seeds(path: Path | None = None, repeated_instructions: bool = False) -> tuple[list[SeedTask], str]:
     """Read and validate a seed file.
 
     Args:
         path: A JSONL file in the Self-Instruct seed schema; None means the seeds this project ships.
+        repeated_instructions: See `parse_seed_lines` (True for held-out files).
 
     Returns:
         The tasks and the sha256 of the file's bytes (recorded in round manifests).
@@ -90,4 +97,5 @@ def load_seeds(path: Path | None = None) -> tuple[list[SeedTask], str]:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise SeedFileError(f"{path}:{line}: not UTF-8 text") from None
-    return parse_seed_lines(text.splitlines(), str(path)), hashlib.sha256(data).hexdigest()
+    tasks = parse_seed_lines(text.splitlines(), str(path), repeated_instructions)
+    return tasks, hashlib.sha256(data).hexdigest()
