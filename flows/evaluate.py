@@ -30,4 +30,5 @@ def evaluate(params: EvaluateParams | None = None) -> dict[str, object]:
         "location": location,
         "base": result.base.model_dump(),
         "finetuned": result.finetuned.model_dump(),
+        "judge_model": result.judge_model,
     }

@@ -7,6 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ExportFormat = Literal["jsonl", "alpaca", "sft", "messages"]
 PromptFormat = Literal["template", "chat"]
+Rating = Literal["A", "B", "C", "D"]
+Interval = tuple[float, float]
 
 
 class FinetuneParams(BaseModel):
@@ -115,6 +117,18 @@ class EvaluateParams(BaseModel):
     torch_threads: int | None = Field(
         default=None, ge=1, le=1024, description="CPU threads for torch; None = torch's default."
     )
+    judge: bool = Field(
+        default=True, description="Also rate every answer A-D with an LLM judge (section 4.4 of the paper)."
+    )
+    judge_urls: list[str] = Field(
+        default_factory=list,
+        description="OpenAI-compatible base URLs of the judge; empty = Settings, else the embedded server.",
+    )
+    judge_model: str | None = Field(default=None, description="Judge model name; None = Settings.model.")
+    bootstrap_seed: int = Field(default=0, description="Seeds the bootstrap intervals over tasks.")
+    bootstrap_resamples: int = Field(
+        default=1000, ge=10, le=100_000, description="Bootstrap resamples per interval."
+    )
 
 
 class ExportStats(BaseModel):
@@ -203,6 +217,18 @@ class AnswerScores(BaseModel):
         ge=0.0, le=1.0, description="Share of non-empty answers that repeat themselves."
     )
     tasks: int = Field(ge=0)
+    rouge_l_f_ci: Interval | None = Field(
+        default=None, description="95% bootstrap interval of the mean ROUGE-L F, resampling tasks."
+    )
+    ratings: dict[str, int] | None = Field(
+        default=None, description="Answers rated A, B, C, D and 'unparseable'; None when not judged."
+    )
+    acceptable_share: float | None = Field(
+        default=None, description="Share of parseable ratings that are A or B; None when none."
+    )
+    acceptable_ci: Interval | None = Field(
+        default=None, description="95% bootstrap interval of acceptable_share, resampling tasks."
+    )
 
 
 class TaskAnswers(BaseModel):
@@ -218,6 +244,10 @@ class TaskAnswers(BaseModel):
     finetuned_rouge_l_f: float
     base_quality: Literal["ok", "empty", "degenerate"]
     finetuned_quality: Literal["ok", "empty", "degenerate"]
+    base_rating: Rating | None = Field(default=None, description="None when not judged or unparseable.")
+    finetuned_rating: Rating | None = None
+    base_judge_answer: str | None = Field(default=None, description="The judge's raw answer.")
+    finetuned_judge_answer: str | None = None
 
 
 class EvaluationResult(BaseModel):
@@ -240,3 +270,60 @@ class EvaluationResult(BaseModel):
     base: AnswerScores
     finetuned: AnswerScores
     answers: list[TaskAnswers]
+    judge_model: str | None = Field(default=None, description="The judge that rated the answers, if any.")
+    judge_prompt_version: str | None = Field(default=None, description="sha256 of the rating template.")
+    bootstrap_seed: int = Field(default=0, description="Seed of the bootstrap intervals.")
+    bootstrap_resamples: int = Field(default=1000, description="Resamples per bootstrap interval.")
+
+
+class CompareParams(BaseModel):
+    """Parameters of the `compare` flow: the ablation of section 4 of the paper, seeds only vs seeds + rounds.
+
+    Both fine-tunes take `finetune` as it is (same base model, steps, learning rate, batch size, seed: the
+    same budget) except for their data; both are evaluated with `evaluate` on the same held-out tasks.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    store_url: str | None = Field(
+        default=None, description="Store root for both fine-tunes; None = SELFINSTRUCT_STORE_URL or ./data."
+    )
+    finetune: FinetuneParams = Field(
+        default_factory=FinetuneParams,
+        description="Training knobs shared by both arms; `rounds` are those of the seeds + rounds arm.",
+    )
+    evaluate: EvaluateParams = Field(
+        default_factory=EvaluateParams, description="Held-out tasks, decoding and judge of both arms."
+    )
+
+
+class Difference(BaseModel):
+    """seeds + rounds minus seeds only, on the same held-out tasks, with a paired 95% bootstrap interval."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str
+    value: float | None
+    ci: Interval | None
+
+
+class ComparisonResult(BaseModel):
+    """evaluations/<comparison id>/comparison.json: the two arms of the ablation side by side."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    comparison_id: str
+    created_at: datetime
+    store: str = Field(description="Store root, credentials removed.")
+    base_model: str
+    comparison_key: str = Field(description="Shared by both evaluations: they were measured the same way.")
+    heldout: str
+    rounds: list[int] = Field(description="Committed rounds of the seeds + rounds arm.")
+    finetunes: dict[str, str] = Field(description="Fine-tune id of 'seeds_only' and 'seeds_and_rounds'.")
+    evaluations: dict[str, str] = Field(description="Evaluation id of each arm.")
+    train_rows: dict[str, int] = Field(description="Training rows of each arm.")
+    judge_model: str | None
+    base: AnswerScores
+    seeds_only: AnswerScores
+    seeds_and_rounds: AnswerScores
+    differences: list[Difference]

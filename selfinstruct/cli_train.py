@@ -361,14 +361,121 @@ def evaluate(
     heldout: Annotated[
         Path | None, typer.Option(help="Held-out tasks JSONL (default: the shipped file).")
     ] = None,
+    judge: Annotated[
+        bool, typer.Option("--judge/--no-judge", help="Rate every answer A-D with an LLM judge.")
+    ] = True,
+    judge_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Judge's OpenAI-compatible base URL (repeatable; default: SELFINSTRUCT_LLM_URL or the "
+            "embedded server)."
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help="Judge model name (default: SELFINSTRUCT_MODEL).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the bootstrap intervals.")] = 0,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Instead: fine-tune on the seeds only and on seeds + rounds with the same knobs, and "
+            "compare both on the held-out tasks (the `compare` flow).",
+        ),
+    ] = False,
+    rounds: RoundsOption = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="With --compare: base model of both fine-tunes.")
+    ] = None,
+    max_steps: Annotated[int, typer.Option(min=1, help="With --compare: optimizer steps of each.")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="With --compare: examples per step.")] = 8,
     store: StoreOption = None,
 ) -> None:
-    """Compare a fine-tune with its base model on held-out tasks (ROUGE-L F; the `evaluate` flow)."""
+    """Compare a fine-tune with its base model on held-out tasks: ROUGE-L F and judged A-D ratings, with
+    95% bootstrap intervals over tasks (the `evaluate` flow). With --compare, the seeds-only ablation."""
     from schemas.training import EvaluateParams
-    from tasks.finetune import FinetuneError, latest_finetune, read_finetune_manifest
+    from selfinstruct.cli import check_llm_servers
+    from tasks.evaluate import load_heldout
+    from tasks.seeds import SeedFileError
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)
+    if compare and finetune_id is not None:
+        fail("--compare trains its own two fine-tunes: drop --finetune-id")
+    chosen = _rounds_or_fail(store_obj, rounds) if compare else []
+    if not compare:
+        finetune_id = _finetune_or_fail(store_obj, finetune_id)
+    if heldout is not None and not heldout.is_file():
+        fail(f"{heldout}: no such file")
+    try:
+        load_heldout(heldout)
+    except SeedFileError as error:
+        fail(str(error))
+    urls = [u.rstrip("/") for u in judge_url or []] or settings.llm_urls()
+    if judge and urls:  # an embedded judge is started by the flow itself
+        check_llm_servers(urls, judge_model or settings.model, settings)
+    params = EvaluateParams(
+        store_url=settings.store_url,
+        finetune_id=finetune_id,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        heldout_path=str(heldout) if heldout else None,
+        judge=judge,
+        judge_urls=urls,
+        judge_model=judge_model,
+        bootstrap_seed=seed,
+    )
+    prepare_prefect_env(local_data_dir(settings))
+    processes.guard_child_processes()
+    if compare:
+        from schemas.training import CompareParams, FinetuneParams
+
+        knobs = FinetuneParams(
+            rounds=chosen, base_model=base_model, max_steps=max_steps, batch_size=batch_size
+        )
+        _run_compare(CompareParams(store_url=settings.store_url, finetune=knobs, evaluate=params))
+        return
+
+    from flows.evaluate import evaluate as evaluate_flow
+    from schemas.training import AnswerScores
+    from selfinstruct.progress import terminal_progress
+    from tasks.evaluate import score_columns
+
+    try:
+        with terminal_progress(console):
+            summary = evaluate_flow(params)
+    except Exception as error:  # the flow already logged the traceback
+        fail(f"evaluation failed: {error}", code=1)
+        raise
+    table = Table(title=f"Held-out evaluation of {finetune_id} (95% bootstrap intervals over tasks)")
+    columns = ("model", "ROUGE-L F", "judged A or B", "A/B/C/D/unparseable", "empty", "degenerate", "tasks")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label in ("base", "finetuned"):
+        scores = AnswerScores.model_validate(summary[label])
+        cells = score_columns(scores)
+        table.add_row(
+            label,
+            str(cells["rouge_l_f [95% CI]"]),
+            str(cells["judged A or B [95% CI]"]),
+            str(cells["ratings A/B/C/D/unparseable"]),
+            f"{scores.empty_share:.1%}",
+            f"{scores.degenerate_share:.1%}",
+            str(scores.tasks),
+        )
+    console.print(table)
+    if judge:
+        console.print(
+            f"judge: {summary.get('judge_model')} (A valid and satisfying, B minor imperfections, "
+            "C significant errors, D irrelevant or invalid)"
+        )
+    console.print(f"result: {summary['location']}")
+
+
+def _finetune_or_fail(store_obj: Any, finetune_id: str | None) -> str:
+    """The fine-tune to evaluate (the newest trained one by default), or a one-line error."""
+    from tasks.finetune import FinetuneError, latest_finetune, read_finetune_manifest
+
     try:
         if finetune_id is None:
             finetune_id = latest_finetune(store_obj)
@@ -378,40 +485,41 @@ def evaluate(
             fail(f"fine-tune {finetune_id} is a dry run: it has no adapter to evaluate")
     except FinetuneError as error:
         fail(str(error))
-    if heldout is not None and not heldout.is_file():
-        fail(f"{heldout}: no such file")
-    params = EvaluateParams(
-        store_url=settings.store_url,
-        finetune_id=finetune_id,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        heldout_path=str(heldout) if heldout else None,
-    )
-    prepare_prefect_env(local_data_dir(settings))
-    processes.guard_child_processes()
+    assert finetune_id is not None
+    return finetune_id
 
-    from flows.evaluate import evaluate as evaluate_flow
-    from selfinstruct.progress import terminal_progress
+
+def _run_compare(params: Any) -> None:
+    """Run the `compare` flow and print its table."""
+    from flows.compare import compare as compare_flow
+    from schemas.training import ComparisonResult
 
     try:
-        with terminal_progress(console):
-            summary = evaluate_flow(params)
+        summary = compare_flow(params)
     except Exception as error:  # the flow already logged the traceback
-        fail(f"evaluation failed: {error}", code=1)
-    table = Table(title=f"Held-out evaluation of {finetune_id}")
-    for column in ("model", "ROUGE-L F", "empty", "degenerate", "tasks"):
+        fail(f"comparison failed: {error}", code=1)
+        raise
+    result = ComparisonResult.model_validate(summary["result"])
+    print_comparison(result)
+    console.print(
+        f"comparison: {summary['comparison_id']} (finetunes {', '.join(result.finetunes.values())})"
+    )
+
+
+def print_comparison(result: Any) -> None:
+    """The comparison table of a ComparisonResult."""
+    from tasks.compare import comparison_rows
+
+    rows = comparison_rows(result)
+    table = Table(
+        title=f"Seeds only vs seeds + rounds on {result.seeds_only.tasks} held-out tasks "
+        "(same base, steps, seed, batch; 95% bootstrap intervals over tasks)"
+    )
+    for column in rows[0]:
         table.add_column(column, justify="left" if column == "model" else "right")
-    for label in ("base", "finetuned"):
-        scores: Any = summary[label]
-        table.add_row(
-            label,
-            f"{scores['rouge_l_f']:.4f}",
-            f"{scores['empty_share']:.1%}",
-            f"{scores['degenerate_share']:.1%}",
-            str(scores["tasks"]),
-        )
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
     console.print(table)
-    console.print(f"result: {summary['location']}")
 
 
 def register(app: typer.Typer) -> None:

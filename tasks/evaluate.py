@@ -22,7 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas import SeedTask
-from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, TaskAnswers
+from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, Rating, TaskAnswers
 from tasks.export import template_by_name
 from tasks.finetune import (
     FinetuneError,
@@ -31,8 +31,10 @@ from tasks.finetune import (
     read_finetune_manifest,
     set_torch_threads,
 )
+from tasks.judge import RATING_TEMPLATE, build_rating_prompt, parse_rating, prompt_version
 from tasks.progress import ProgressUpdate, report
 from tasks.redact import redact_url
+from tasks.scores import acceptable, format_interval, mean_interval, rating_counts, task_groups
 from tasks.secrets import run_settings
 from tasks.store import FINETUNES, Store, open_store
 
@@ -41,6 +43,8 @@ EVALUATIONS = "evaluations"
 RESULT_FILE = "result.json"
 TABLE_KEY = "selfinstruct-evaluation"
 Quality = Literal["ok", "empty", "degenerate"]
+# A judge: rating prompts in, the judge's raw completions out (tasks.judge.judge_completions, bound).
+JudgeFn = Callable[[list[str]], list[str]]
 _WORD = re.compile(r"\w+")
 
 
@@ -51,6 +55,8 @@ class HeldoutPrompt:
     id: str
     prompt: str
     reference: str
+    instruction: str = ""
+    input: str = ""
 
 
 # -- pure: prompts and scoring --------------------------------------------------------------------------
@@ -59,12 +65,14 @@ class HeldoutPrompt:
 def load_heldout(path: Path | None = None, limit: int | None = None) -> tuple[list[SeedTask], str]:
     """The first `limit` held-out tasks (all when None) and the sha256 of the whole file.
 
+    One instruction may appear on several lines with different inputs; each line is one prompt.
+
     Raises:
         tasks.seeds.SeedFileError: When the file is missing or invalid.
     """
     from tasks.seeds import load_seeds
 
-    tasks, sha256 = load_seeds(path or DEFAULT_HELDOUT)
+    tasks, sha256 = load_seeds(path or DEFAULT_HELDOUT, repeated_instructions=True)
     return tasks[:limit] if limit else tasks, sha256
 
 
@@ -92,7 +100,15 @@ def build_prompts(
             prompt = tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
             )
-        prompts.append(HeldoutPrompt(id=task_.id, prompt=prompt, reference=instance.output.strip()))
+        prompts.append(
+            HeldoutPrompt(
+                id=task_.id,
+                prompt=prompt,
+                reference=instance.output.strip(),
+                instruction=instruction,
+                input=input_text,
+            )
+        )
     return prompts
 
 
@@ -128,15 +144,62 @@ def rouge_l_f(predictions: Sequence[str], references: Sequence[str]) -> list[flo
     ]
 
 
-def summarize(scores: Sequence[float], qualities: Sequence[Quality]) -> AnswerScores:
-    """Mean ROUGE-L F and the shares of empty and degenerate answers."""
+def summarize(
+    scores: Sequence[float],
+    qualities: Sequence[Quality],
+    groups: Sequence[Sequence[int]] | None = None,
+    seed: int = 0,
+    resamples: int = 1000,
+) -> AnswerScores:
+    """Mean ROUGE-L F with its 95% bootstrap interval over tasks, and the shares of empty and degenerate
+    answers.
+
+    Args:
+        scores, qualities: One per answer.
+        groups: Answer indices per task (`tasks.scores.task_groups`); None = every answer its own task.
+        seed, resamples: Of the bootstrap.
+    """
     n = len(scores)
+    groups = groups if groups is not None else [[i] for i in range(n)]
+    _, interval = mean_interval(list(scores), groups, seed, resamples)
     return AnswerScores(
         rouge_l_f=round(sum(scores) / n, 6) if n else 0.0,
         empty_share=round(sum(q == "empty" for q in qualities) / n, 6) if n else 0.0,
         degenerate_share=round(sum(q == "degenerate" for q in qualities) / n, 6) if n else 0.0,
         tasks=n,
+        rouge_l_f_ci=(round(interval[0], 6), round(interval[1], 6)) if interval else None,
     )
+
+
+def with_ratings(
+    scores: AnswerScores,
+    ratings: Sequence[Rating | None],
+    groups: Sequence[Sequence[int]],
+    seed: int = 0,
+    resamples: int = 1000,
+) -> AnswerScores:
+    """`scores` plus the rating counts and the share rated acceptable (A or B) with its interval."""
+    share, interval = mean_interval(acceptable(ratings), groups, seed, resamples)
+    return scores.model_copy(
+        update={
+            "ratings": rating_counts(ratings),
+            "acceptable_share": None if share is None else round(share, 6),
+            "acceptable_ci": (round(interval[0], 6), round(interval[1], 6)) if interval else None,
+        }
+    )
+
+
+def rate_answers(
+    prompts: Sequence[HeldoutPrompt], answers: Sequence[str], judge: JudgeFn
+) -> tuple[list[Rating | None], list[str]]:
+    """Ratings A-D of `answers` to the held-out `prompts` by `judge` (None where unparseable), and the
+    judge's raw answers."""
+    requests = [
+        build_rating_prompt(p.instruction, p.input, p.reference, answer)
+        for p, answer in zip(prompts, answers, strict=True)
+    ]
+    raw = judge(requests)
+    return [parse_rating(text).rating for text in raw], raw
 
 
 def comparison_key(heldout_sha256: str, params: EvaluateParams) -> str:
@@ -223,7 +286,12 @@ def _answered_progress(key: str) -> Callable[[int, int], None]:
 
 
 def evaluate_finetune(
-    store: Store, finetune_id: str, params: EvaluateParams, log: Any = None
+    store: Store,
+    finetune_id: str,
+    params: EvaluateParams,
+    log: Any = None,
+    judge: JudgeFn | None = None,
+    judge_model: str | None = None,
 ) -> EvaluationResult:
     """Answer the held-out tasks with the base model and with the fine-tune; score and store the result.
 
@@ -232,6 +300,8 @@ def evaluate_finetune(
         finetune_id: A finished, trained fine-tune.
         params: Held-out file, limit, decoding and prompt settings.
         log: Called with progress lines, when given.
+        judge: Rates every answer A-D when given (prompts in, raw completions out).
+        judge_model: The judge's name, recorded with the result.
 
     Returns:
         The result, also written to evaluations/<evaluation id>/result.json.
@@ -272,6 +342,18 @@ def evaluate_finetune(
     references = [p.reference for p in prompts]
     scores = {name: rouge_l_f(texts, references) for name, texts in answers.items()}
     qualities = {name: [answer_quality(t) for t in texts] for name, texts in answers.items()}
+    groups = task_groups([p.instruction for p in prompts])
+    seed, resamples = params.bootstrap_seed, params.bootstrap_resamples
+    summaries = {name: summarize(scores[name], qualities[name], groups, seed, resamples) for name in answers}
+    ratings: dict[str, list[Rating | None]] = {name: [None] * len(prompts) for name in answers}
+    raw: dict[str, list[str | None]] = {name: [None] * len(prompts) for name in answers}
+    if judge is not None:
+        for name, texts in answers.items():
+            ratings[name], judged = rate_answers(prompts, texts, judge)
+            raw[name] = list(judged)
+            summaries[name] = with_ratings(summaries[name], ratings[name], groups, seed, resamples)
+            if log is not None:
+                log(f"{name}: judge rated {len(judged)} answers: {summaries[name].ratings}")
     key = comparison_key(heldout_sha256, params)
     result = EvaluationResult(
         evaluation_id=evaluation_id(finetune_id, key),
@@ -287,8 +369,8 @@ def evaluate_finetune(
             "prompt_format": params.prompt_format,
             "template": params.template if params.prompt_format == "template" else None,
         },
-        base=summarize(scores["base"], qualities["base"]),
-        finetuned=summarize(scores["finetuned"], qualities["finetuned"]),
+        base=summaries["base"],
+        finetuned=summaries["finetuned"],
         answers=[
             TaskAnswers(
                 id=p.id,
@@ -299,14 +381,33 @@ def evaluate_finetune(
                 finetuned_rouge_l_f=round(scores["finetuned"][i], 6),
                 base_quality=qualities["base"][i],
                 finetuned_quality=qualities["finetuned"][i],
+                base_rating=ratings["base"][i],
+                finetuned_rating=ratings["finetuned"][i],
+                base_judge_answer=raw["base"][i],
+                finetuned_judge_answer=raw["finetuned"][i],
             )
             for i, p in enumerate(prompts)
         ],
+        judge_model=judge_model if judge is not None else None,
+        judge_prompt_version=prompt_version(RATING_TEMPLATE) if judge is not None else None,
+        bootstrap_seed=seed,
+        bootstrap_resamples=resamples,
     )
     store.put_bytes(
         f"{EVALUATIONS}/{result.evaluation_id}/{RESULT_FILE}", result.model_dump_json(indent=2).encode()
     )
     return result
+
+
+def score_columns(scores: AnswerScores) -> dict[str, str | float | int]:
+    """ROUGE-L F and the judged acceptable share, each with its 95% interval, as table cells."""
+    return {
+        "rouge_l_f [95% CI]": format_interval(scores.rouge_l_f, scores.rouge_l_f_ci),
+        "judged A or B [95% CI]": format_interval(scores.acceptable_share, scores.acceptable_ci, True),
+        "ratings A/B/C/D/unparseable": "-"
+        if scores.ratings is None
+        else "/".join(str(scores.ratings[k]) for k in ("A", "B", "C", "D", "unparseable")),
+    }
 
 
 def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | int]]:
@@ -315,6 +416,7 @@ def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | in
         {
             "model": label,
             "rouge_l_f": round(scores.rouge_l_f, 4),
+            **score_columns(scores),
             "empty_share": round(scores.empty_share, 4),
             "degenerate_share": round(scores.degenerate_share, 4),
             "tasks": scores.tasks,
@@ -344,11 +446,32 @@ def resolve_finetune_task(params: EvaluateParams) -> str:
 
 @task(name="evaluate-heldout", cache_policy=NO_CACHE)
 def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
-    """Run the held-out evaluation of one fine-tune and store its result."""
+    """Run the held-out evaluation of one fine-tune and store its result; with `params.judge`, the judge
+    server given, or Settings', or an embedded one started for the duration, rates every answer."""
+    from contextlib import AbstractContextManager, nullcontext
+    from functools import partial
+
+    from tasks.judge import RATING_SAMPLING, judge_completions
+    from tasks.steps import llm_endpoints
+
     logger = get_run_logger()
-    result = evaluate_finetune(
-        open_store(params.store_url, run_settings()), finetune_id, params, log=logger.info
+    settings = run_settings()
+    store = open_store(params.store_url, settings)
+    # An embedded judge keeps its files under the store, as the bootstrap's embedded server does.
+    settings = settings.model_copy(update={"store_url": params.store_url or settings.store_url})
+    model = params.judge_model or settings.model
+    endpoints: AbstractContextManager[list[str]] = (
+        llm_endpoints(params.judge_urls, settings) if params.judge else nullcontext([])
     )
+    with endpoints as urls:
+        judge = (
+            partial(judge_completions, sampling=RATING_SAMPLING, settings=settings, urls=urls, model=model)
+            if params.judge
+            else None
+        )
+        result = evaluate_finetune(
+            store, finetune_id, params, log=logger.info, judge=judge, judge_model=model
+        )
     logger.info(
         "%s: ROUGE-L F base %.4f -> fine-tuned %.4f on %d tasks",
         finetune_id,
@@ -356,6 +479,13 @@ def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
         result.finetuned.rouge_l_f,
         result.base.tasks,
     )
+    if result.judge_model is not None:
+        logger.info(
+            "%s: judged A or B: base %s -> fine-tuned %s",
+            finetune_id,
+            format_interval(result.base.acceptable_share, result.base.acceptable_ci, True),
+            format_interval(result.finetuned.acceptable_share, result.finetuned.acceptable_ci, True),
+        )
     return result
 
 
@@ -369,7 +499,9 @@ def publish_evaluation_task(store_url: str | None, result: EvaluationResult) -> 
     create_table_artifact(
         table=comparison_rows(result),
         key=TABLE_KEY,
-        description=f"Held-out ROUGE-L of {result.finetune_id} vs its base on {result.base.tasks} tasks "
-        f"of {result.heldout} (comparison key {result.comparison_key[:10]}); {redact_url(location)}",
+        description=f"Held-out ROUGE-L F and judged A-D ratings ({result.judge_model or 'not judged'}) of "
+        f"{result.finetune_id} vs its base on {result.base.tasks} tasks of {result.heldout}, 95% bootstrap "
+        f"intervals over tasks (seed {result.bootstrap_seed}); comparison key {result.comparison_key[:10]}; "
+        f"{redact_url(location)}",
     )
     return location

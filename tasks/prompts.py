@@ -21,6 +21,8 @@ TEMPLATE_FIELDS: dict[str, frozenset[str]] = {
     "classify": frozenset({"instruction"}),
     "instances_input_first": frozenset({"instruction", "max_instances"}),
     "instances_output_first": frozenset({"instruction"}),
+    "audit_judge": frozenset({"instruction", "input", "output"}),
+    "rate_answer": frozenset({"instruction", "input", "reference", "response"}),
 }
 
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")

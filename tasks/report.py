@@ -18,6 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from schemas import RoundManifest
+from schemas.audit import AuditManifest
 from tasks.redact import redact_url
 from tasks.store import Store
 
@@ -179,6 +180,7 @@ class RoundReport:
     output_words: list[int]
     rejections: list[tuple[str, int]]
     verbs: list[VerbStats] = field(default_factory=list)
+    audit: AuditManifest | None = None  # the newest quality audit of the round, when there is one
 
 
 def build_report(
@@ -354,6 +356,39 @@ def _verbs_figure(report: RoundReport) -> Any:
     return figure
 
 
+# Table 2 of Wang et al. (2022): 200 GPT-3 instructions judged by an expert annotator.
+PAPER_AUDIT = {
+    "valid_instruction": 92,
+    "appropriate_input": 79,
+    "correct_output": 58,
+    "all_three": 54,
+}
+
+
+def audit_section(audit: AuditManifest | None) -> list[str]:
+    """HTML of the quality-audit section (empty when the round has no audit)."""
+    if audit is None:
+        return []
+    from tasks.audit import QUESTION_TEXT, format_rate
+
+    return [
+        "<h2>Quality audit</h2>",
+        f'<p class="note">{audit.sampled} of {audit.instructions_in_round} instructions, one random '
+        f"instance each (seed {audit.sample_seed}), judged by {html.escape(audit.judge_model)} "
+        f"(prompt version {audit.prompt_version[:12]}); {audit.unparseable} answers were unparseable and "
+        "are left out of the rates. 95% Wilson intervals. The paper's expert judgement of GPT-3 data is "
+        "shown for reference (Table 2 of Wang et al. 2022).</p>",
+        _table(
+            ["question", "yes / judged", "rate [95% CI]", "paper"],
+            [
+                (QUESTION_TEXT[r.question], f"{r.yes} / {r.n}", format_rate(r), f"{PAPER_AUDIT[r.question]}%")
+                for r in audit.rates
+            ],
+        ),
+        f'<p class="note">audit {html.escape(audit.audit_id)}</p>',
+    ]
+
+
 def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -420,6 +455,7 @@ def render_html(report: RoundReport) -> str:
         "<h2>Rejections per reason</h2>",
         rejections_plot,
         _table(["stage: reason", "count"], report.rejections),
+        *audit_section(report.audit),
         "<h2>Leading verbs and their direct objects</h2>",
         '<p class="note">Heuristic: first word as the verb, next noun-ish word as its object. '
         "Cf. Figure 2 of Wang et al. (2022).</p>",
@@ -454,8 +490,10 @@ def load_report(store: Store, number: int | None = None) -> RoundReport:
         number = committed[-1]
     if number not in committed:
         raise StoreError(f"round {number} of {redact_url(store.url)} is not committed")
+    from tasks.audit import read_audits
+
     manifests = [store.read_manifest(n) for n in committed if n <= number]
-    return build_report(
+    report = build_report(
         store.location(number).rsplit("/rounds/", 1)[0],
         manifests,
         number,
@@ -463,6 +501,9 @@ def load_report(store: Store, number: int | None = None) -> RoundReport:
         store.read_table(number, "instances").to_pylist(),
         store.read_table(number, "rejected").to_pylist(),
     )
+    audits = read_audits(store, number)
+    report.audit = audits[-1] if audits else None
+    return report
 
 
 def render_report(store: Store, number: int | None = None) -> tuple[int, str]:

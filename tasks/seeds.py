@@ -33,13 +33,19 @@ def estimated_tokens(text: str) -> int:
 
 
 def parse_seed_lines(
-    lines: list[str], source: str, max_instruction_tokens: int | None = None
+    lines: list[str],
+    source: str,
+    repeated_instructions: bool = False,
+    max_instruction_tokens: int | None = None,
 ) -> list[SeedTask]:
     """Parse seed tasks from JSONL lines.
 
     Args:
         lines: The file's lines; blank lines are skipped.
         source: The file name used in error messages.
+        repeated_instructions: Accept one instruction on several lines when their inputs differ (held-out
+            files test one task on several inputs); a line repeating both instruction and inputs is still
+            refused. Seed files keep every instruction unique: the pool must not hold one twice.
         max_instruction_tokens: Refuse an instruction estimated (`estimated_tokens`) longer than this.
 
     Returns:
@@ -76,9 +82,12 @@ def parse_seed_lines(
         if task.id in seen_ids:
             raise SeedFileError(f"{source}:{number}: field 'id': duplicate of line {seen_ids[task.id]}")
         key = task.instruction.strip().lower()
+        if repeated_instructions:
+            key = json.dumps([key, [i.input.strip() for i in task.instances]])
         if key in seen_instructions:
+            same = " with the same inputs" if repeated_instructions else ""
             raise SeedFileError(
-                f"{source}:{number}: field 'instruction': duplicate of line {seen_instructions[key]}"
+                f"{source}:{number}: field 'instruction': duplicate of line {seen_instructions[key]}{same}"
             )
         seen_ids[task.id] = number
         seen_instructions[key] = number
@@ -89,12 +98,16 @@ def parse_seed_lines(
 
 
 def load_seeds(
-    path: Path | None = None, *, max_instruction_tokens: int | None = None
+    path: Path | None = None,
+    repeated_instructions: bool = False,
+    *,
+    max_instruction_tokens: int | None = None,
 ) -> tuple[list[SeedTask], str]:
     """Read and validate a seed file.
 
     Args:
         path: A JSONL file in the Self-Instruct seed schema; None means the seeds this project ships.
+        repeated_instructions: See `parse_seed_lines` (True for held-out files).
         max_instruction_tokens: Refuse instructions that cannot fit the model's context (see
             `parse_seed_lines`).
 
@@ -117,5 +130,5 @@ def load_seeds(
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise SeedFileError(f"{path}:{line}: not UTF-8 text") from None
-    tasks = parse_seed_lines(text.splitlines(), str(path), max_instruction_tokens)
+    tasks = parse_seed_lines(text.splitlines(), str(path), repeated_instructions, max_instruction_tokens)
     return tasks, hashlib.sha256(data).hexdigest()

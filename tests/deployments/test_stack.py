@@ -44,10 +44,10 @@ def _deployments() -> dict[str, dict[str, Any]]:
     return {d["name"]: d for d in spec["deployments"]}
 
 
-def test_prefect_yaml_declares_the_three_deployments() -> None:
+def test_prefect_yaml_declares_the_four_deployments() -> None:
     spec = yaml.safe_load(PREFECT_FILE.read_text())
     deployments = _deployments()
-    assert set(deployments) == {"bootstrap-nightly", "finetune", "evaluate"}
+    assert set(deployments) == {"bootstrap-nightly", "finetune", "evaluate", "audit"}
     nightly = deployments["bootstrap-nightly"]
     assert nightly["entrypoint"] == "flows/bootstrap.py:bootstrap_round"
     assert nightly["concurrency_limit"] == 1
@@ -64,6 +64,12 @@ def test_prefect_yaml_declares_the_three_deployments() -> None:
     }
     (pull,) = spec["pull"]
     assert list(pull) == ["prefect.deployments.steps.set_working_directory"]
+    (audit,) = deployments["audit"]["triggers"]
+    assert audit["expect"] == ["selfinstruct.round.committed"]
+    assert audit["parameters"]["params"] == {
+        "store_url": "{{ event.payload.store }}",
+        "round": "{{ event.payload.round }}",
+    }
 
 
 def test_trigger_parameters_fit_the_finetune_flow() -> None:
@@ -73,6 +79,10 @@ def test_trigger_parameters_fit_the_finetune_flow() -> None:
     assert set(_deployments()["finetune"]["triggers"][0]["parameters"]["params"]) == set(rendered)
     FinetuneParams.model_validate(rendered)
     EvaluateParams.model_validate({"store_url": "/data/store", "finetune_id": "ft-1"})
+    from schemas.audit import AuditParams
+
+    # What publish_round puts in the round.committed payload, as the audit trigger renders it.
+    AuditParams.model_validate({"store_url": "/data/store", "round": 3})
 
 
 def test_dry_run_copy_flips_only_the_trigger(tmp_path: Path) -> None:
@@ -339,7 +349,7 @@ def test_stack_is_deployed_and_serving(stack: Stack) -> None:
         assert client.get("/work_pools/selfinstruct-process").json()["type"] == "process"
         assert client.post("/work_pools/selfinstruct-process/workers/filter", json={}).json()
         deployments = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
-        assert set(deployments) == {"bootstrap-nightly", "finetune", "evaluate"}
+        assert set(deployments) == {"bootstrap-nightly", "finetune", "evaluate", "audit"}
         nightly = deployments["bootstrap-nightly"]
         assert nightly["schedules"][0]["schedule"]["interval"] == 60  # --every 60
         assert nightly["global_concurrency_limit"]["limit"] == 1
@@ -355,6 +365,7 @@ def test_stack_is_deployed_and_serving(stack: Stack) -> None:
         assert set(automations) == {
             "selfinstruct-finetune-on-data-ready",
             "selfinstruct-evaluate-on-finetune",
+            "selfinstruct-audit-on-round-committed",
             "selfinstruct-crash-zombie-flow-runs",
         }
         trigger = automations["selfinstruct-finetune-on-data-ready"]
@@ -411,6 +422,20 @@ def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(stack: Sta
         assert (
             first["work_queue_name"] == "default" and first["parameters"]["params"]["store_url"] == store.url
         )
+
+        # round.committed started an audit of round 1 through the worker, judged by the stack's LLM.
+        def audit_of_round_1() -> list[dict[str, Any]]:
+            runs = _runs_of(client, ids["audit"])
+            return [r for r in runs if r["parameters"]["params"] == {"store_url": store.url, "round": 1}]
+
+        (audit,) = wait_for(audit_of_round_1, 120, "the round.committed trigger")
+        audited = wait_for(lambda: _finished(client, audit["id"]), 600, "the audit of round 1")
+        assert audited["state"]["type"] == "COMPLETED", audited["state"]
+        body = {"artifacts": {"flow_run_id": {"any_": [audited["id"]]}}}
+        keys = {a["key"] for a in client.post("/artifacts/filter", json=body).json()}
+        assert {"selfinstruct-round-audit", "selfinstruct-round-report"} <= keys
+        assert [n for n in store.list_names("audits/round=00001") if n.endswith(".json")]
+        assert "<h2>Quality audit</h2>" in (Path(store.location(1)) / "report.html").read_text()
 
         _run_round(client, ids["bootstrap-nightly"], store.url, threshold=1)
         assert store.committed_rounds() == [1, 2]

@@ -87,6 +87,10 @@ def test_finetune_then_evaluate(prefect_server: None, tmp_path: Path) -> None:
         store.get_bytes(f"evaluations/{evaluation['evaluation_id']}/result.json")
     )
     assert result.base.tasks == result.finetuned.tasks == 3 and len(result.answers) == 3
+    # The embedded model judged every answer (a 135M judge may answer off-format: counted, not guessed).
+    assert result.judge_model is not None and result.finetuned.ratings is not None
+    assert sum(result.finetuned.ratings.values()) == 3 and result.base.rouge_l_f_ci is not None
+    assert all(a.finetuned_judge_answer is not None for a in result.answers)
     table = _latest_table(TABLE_KEY)
     assert [row["model"].split(" ")[0] for row in table] == ["base", "finetuned"]
     assert table[1]["rouge_l_f"] == pytest.approx(result.finetuned.rouge_l_f, abs=1e-4)

@@ -103,7 +103,7 @@ def test_seed_path_missing_or_a_folder(tmp_path: Path, store_dir: Path, llm: str
     [
         ("[1, 2]", "expected a JSON object of BootstrapConfig fields"),
         ('{"instruction_sampling": {"max_tokens": "many"}}', "field 'instruction_sampling.max_tokens'"),
-        ('{"instruction_sampling": {"top_k": 5}}', "field 'instruction_sampling.top_k': Extra inputs"),
+        ('{"instruction_sampling": {"top_q": 5}}', "field 'instruction_sampling.top_q': Extra inputs"),
         ('{"prompts_per_round": -3}', "field 'prompts_per_round'"),
         ('{"blacklist": "image"}', "field 'blacklist'"),
         ("", "invalid JSON"),

@@ -27,6 +27,7 @@ import sys
 import threading
 import zlib
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -169,6 +170,7 @@ class FakeOpenAI:
         per_choice_usage: bool = False,
         rng_seed: int = 0,
         context_length: int | None = None,
+        responder: Callable[[str], str] | None = None,
         vllm: VLLMMode | None = None,
     ) -> None:
         """Configure the server (nothing is bound until `start`).
@@ -182,6 +184,8 @@ class FakeOpenAI:
             per_choice_usage: Also put `usage.completion_tokens` in each choice.
             rng_seed: Seed of the fault and shuffle draws.
             context_length: Reported as each model's `max_model_len` in GET /v1/models, as vLLM does.
+            responder: Completion text for a prompt, instead of the echo (e.g. a scripted judge); stop
+                sequences still cut it.
             vllm: Enforce vLLM's limits and semantics (see `VLLMMode`); the served names are `models`
                 (default "fake-model") plus the adapters loaded at runtime.
         """
@@ -203,6 +207,7 @@ class FakeOpenAI:
         self.max_unfinished = 0
         self.effective_sampling: deque[dict[str, Any]] = deque(maxlen=1000)
         self._rng = random.Random(rng_seed)
+        self.responder = responder
         self.requests = 0
         self.prompts = 0
         self.faults_injected: Counter[str] = Counter()
@@ -526,6 +531,11 @@ class FakeOpenAI:
                 text, finish, count = fake_completion(
                     prompt, None if seed is None else seed + j, budget, stop
                 )
+                if self.responder is not None:
+                    text = self.responder(prompt)
+                    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+                    text = text[:cut] if cut >= 0 else text
+                    finish, count = "stop", len(words(text))
                 if fault == "empty":
                     text, finish, count = "", "stop", 0
                 elif fault == "length":

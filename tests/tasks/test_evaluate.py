@@ -1,7 +1,9 @@
 """Held-out evaluation: prompts, answer quality, ROUGE-L, and a real base-vs-adapter run on CPU."""
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +30,7 @@ from tasks.finetune import (
 )
 from tasks.progress import ProgressUpdate, showing
 from tasks.store import Store
-from tests.support.factories import two_round_store, write_heldout
+from tests.support.factories import HELDOUT, two_round_store, write_heldout
 
 
 @pytest.mark.parametrize(
@@ -174,3 +176,104 @@ def test_evaluation_refuses_dry_runs_and_unknown_fine_tunes(tmp_path: Path) -> N
         evaluate_finetune(store, dry_id, EvaluateParams(store_url=store.url))
     with pytest.raises(FinetuneError, match="no finished fine-tune 'ft-x'"):
         resolve_finetune_task.fn(EvaluateParams(store_url=store.url, finetune_id="ft-x"))
+
+
+# -- held-out files with repeated instructions, intervals, and the judge ---------------------------------
+
+
+def write_repeated_heldout(path: Path) -> Path:
+    """HELDOUT plus a second line for the first instruction, with another input."""
+    write_heldout(path)
+    extra = {
+        "id": "heldout_task_4",
+        "name": "task_0_again",
+        "instruction": HELDOUT[0][0],
+        "instances": [{"input": "7", "output": "positive"}],
+        "is_classification": True,
+    }
+    with path.open("a") as handle:
+        handle.write(json.dumps(extra) + "\n")
+    return path
+
+
+def test_heldout_accepts_one_instruction_with_several_inputs(tmp_path: Path) -> None:
+    from tasks.seeds import SeedFileError, load_seeds
+
+    path = write_repeated_heldout(tmp_path / "heldout.jsonl")
+    tasks, _ = load_heldout(path)
+    assert [t.id for t in tasks][-1] == "heldout_task_4" and tasks[0].instruction == tasks[4].instruction
+    with pytest.raises(SeedFileError, match=r":5: field 'instruction': duplicate of line 1$"):
+        load_seeds(path)  # a seed file still refuses it: the pool must not hold one instruction twice
+    same = json.loads(path.read_text().splitlines()[0]) | {"id": "heldout_task_5"}
+    with path.open("a") as handle:
+        handle.write(json.dumps(same) + "\n")
+    with pytest.raises(
+        SeedFileError, match=r":6: field 'instruction': duplicate of line 1 with the same inputs"
+    ):
+        load_heldout(path)
+
+
+def test_intervals_resample_tasks_not_lines() -> None:
+    from tasks.scores import task_groups
+
+    groups = task_groups(["Add.", "Sub.", " add. ", "Mul."])
+    assert groups == [[0, 2], [1], [3]]
+    summary = summarize([1.0, 0.0, 1.0, 0.5], ["ok"] * 4, groups, seed=0, resamples=200)
+    assert summary.rouge_l_f == 0.625 and summary.rouge_l_f_ci is not None
+    low, high = summary.rouge_l_f_ci
+    assert 0.0 <= low < 0.625 < high <= 1.0
+    assert summary == summarize([1.0, 0.0, 1.0, 0.5], ["ok"] * 4, groups, seed=0, resamples=200)
+
+
+def rating_judge(prompt: str) -> str:
+    """A scripted judge: A for an exact answer, C for any other non-empty one, gibberish for an empty one."""
+    item = prompt.rsplit("\nInstruction: ", 1)[1]
+    reference = item.split("\nReference answer: ", 1)[1].split("\n", 1)[0]
+    response = item.split("\nResponse: ", 1)[1].removesuffix("\nRating:")
+    if not response:
+        return " I cannot say."
+    return " A" if response.strip().lower() == reference.lower() else " C\n"
+
+
+def test_judged_evaluation_with_repeated_instructions(tmp_path: Path, fake_openai: Any) -> None:
+    from functools import partial
+
+    from schemas import Settings
+    from tasks.judge import RATING_SAMPLING, judge_completions
+
+    judge_server = fake_openai(responder=rating_judge)
+    store, finetune_id = store_with_untrained_adapter(tmp_path)
+    params = EvaluateParams(
+        store_url=store.url,
+        heldout_path=str(write_repeated_heldout(tmp_path / "heldout.jsonl")),
+        max_new_tokens=8,
+        batch_size=5,
+        torch_threads=1,
+        bootstrap_resamples=200,
+    )
+    judge = partial(
+        judge_completions,
+        sampling=RATING_SAMPLING,
+        settings=Settings(),
+        urls=[judge_server.url],
+        model="judge",
+    )
+    result = evaluate_finetune(store, finetune_id, params, judge=judge, judge_model="judge")
+
+    assert len(result.answers) == 5 and result.judge_model == "judge"
+    assert result.judge_prompt_version is not None and len(result.judge_prompt_version) == 64
+    expected = [
+        None if not a.base else ("A" if a.base.strip().lower() == a.reference.lower() else "C")
+        for a in result.answers
+    ]
+    assert [a.base_rating for a in result.answers] == expected
+    assert all(a.base_judge_answer is not None for a in result.answers)
+    counts = result.base.ratings
+    assert counts is not None and sum(counts.values()) == 5
+    assert counts["unparseable"] == expected.count(None) and counts["B"] == counts["D"] == 0
+    parsed = [r for r in expected if r is not None]
+    if parsed:
+        assert result.base.acceptable_share == pytest.approx(parsed.count("A") / len(parsed))
+        assert result.base.acceptable_ci is not None
+    assert result.base.rouge_l_f_ci is not None and result.base == result.finetuned  # identity adapter
+    assert len(judge_server.bodies) >= 1 and {b["model"] for b in judge_server.bodies} == {"judge"}
