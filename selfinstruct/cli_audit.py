@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from selfinstruct import processes
 from selfinstruct.console import console, fail
 from selfinstruct.inputs import load_settings, local_data_dir, open_store_or_fail, prepare_prefect_env
 
@@ -58,6 +59,7 @@ def audit(
         judge_model=judge_model,
     )
     prepare_prefect_env(local_data_dir(settings))
+    processes.guard_child_processes()
 
     from flows.audit import audit as audit_flow
     from schemas.audit import RateEstimate
