@@ -11,7 +11,15 @@ from rich.table import Table
 
 from selfinstruct import processes
 from selfinstruct.console import console, fail
-from selfinstruct.inputs import load_settings, local_data_dir, open_store_or_fail, prepare_prefect_env
+from selfinstruct.inputs import (
+    JudgeModelOption,
+    JudgeUrlOption,
+    judge_urls,
+    load_settings,
+    local_data_dir,
+    open_store_or_fail,
+    prepare_prefect_env,
+)
 
 
 def audit(
@@ -22,21 +30,12 @@ def audit(
         int, typer.Option(min=1, max=100_000, help="Instructions to judge, one random instance each.")
     ] = 200,
     seed: Annotated[int, typer.Option(help="Seeds the sample.")] = 0,
-    judge_url: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Judge's OpenAI-compatible base URL (repeatable; default: SELFINSTRUCT_LLM_URL "
-            "or the embedded server)."
-        ),
-    ] = None,
-    judge_model: Annotated[
-        str | None, typer.Option(help="Judge model name (default: SELFINSTRUCT_MODEL).")
-    ] = None,
+    judge_url: JudgeUrlOption = None,
+    judge_model: JudgeModelOption = None,
     store: Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")] = None,
 ) -> None:
     """Audit a round's quality with an LLM judge; prints the three rates with 95% intervals."""
     from schemas.audit import AuditParams
-    from selfinstruct.cli import check_llm_servers  # the module that registers this command: loaded by now
     from tasks.audit import resolve_round
     from tasks.store import StoreError
 
@@ -47,9 +46,7 @@ def audit(
     except StoreError as error:
         fail(str(error))
         raise
-    urls = [u.rstrip("/") for u in judge_url or []] or settings.llm_urls()
-    if urls:  # an embedded judge is started by the flow itself
-        check_llm_servers(urls, judge_model or settings.model, settings)
+    urls = judge_urls(judge_url, judge_model, settings)
     params = AuditParams(
         store_url=settings.store_url,
         round=number,

@@ -14,7 +14,15 @@ from rich.table import Table
 from schemas.training import ExportFormat
 from selfinstruct import processes
 from selfinstruct.console import console, fail
-from selfinstruct.inputs import load_settings, local_data_dir, open_store_or_fail, prepare_prefect_env
+from selfinstruct.inputs import (
+    JudgeModelOption,
+    JudgeUrlOption,
+    judge_urls,
+    load_settings,
+    local_data_dir,
+    open_store_or_fail,
+    prepare_prefect_env,
+)
 
 StoreOption = Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")]
 RoundsOption = Annotated[
@@ -364,16 +372,8 @@ def evaluate(
     judge: Annotated[
         bool, typer.Option("--judge/--no-judge", help="Rate every answer A-D with an LLM judge.")
     ] = True,
-    judge_url: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Judge's OpenAI-compatible base URL (repeatable; default: SELFINSTRUCT_LLM_URL or the "
-            "embedded server)."
-        ),
-    ] = None,
-    judge_model: Annotated[
-        str | None, typer.Option(help="Judge model name (default: SELFINSTRUCT_MODEL).")
-    ] = None,
+    judge_url: JudgeUrlOption = None,
+    judge_model: JudgeModelOption = None,
     seed: Annotated[int, typer.Option(help="Seeds the bootstrap intervals.")] = 0,
     compare: Annotated[
         bool,
@@ -394,7 +394,6 @@ def evaluate(
     """Compare a fine-tune with its base model on held-out tasks: ROUGE-L F and judged A-D ratings, with
     95% bootstrap intervals over tasks (the `evaluate` flow). With --compare, the seeds-only ablation."""
     from schemas.training import EvaluateParams
-    from selfinstruct.cli import check_llm_servers
     from tasks.evaluate import load_heldout
     from tasks.seeds import SeedFileError
 
@@ -411,9 +410,7 @@ def evaluate(
         load_heldout(heldout)
     except SeedFileError as error:
         fail(str(error))
-    urls = [u.rstrip("/") for u in judge_url or []] or settings.llm_urls()
-    if judge and urls:  # an embedded judge is started by the flow itself
-        check_llm_servers(urls, judge_model or settings.model, settings)
+    urls = judge_urls(judge_url, judge_model, settings) if judge else settings.llm_urls()
     params = EvaluateParams(
         store_url=settings.store_url,
         finetune_id=finetune_id,

@@ -8,8 +8,9 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+import typer
 from pydantic import ValidationError
 
 from schemas import BootstrapConfig, Settings
@@ -162,3 +163,24 @@ def check_store_writable(settings: Settings) -> None:
     existing = next(p for p in (root, *root.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         fail(f"store {settings.store_url}: {existing} is not writable")
+
+
+# The judge of `audit` and `evaluate`: the same two options, and the same check of its servers.
+JudgeUrlOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Judge's OpenAI-compatible base URL (repeatable; default: SELFINSTRUCT_LLM_URL or the "
+        "embedded server)."
+    ),
+]
+JudgeModelOption = Annotated[str | None, typer.Option(help="Judge model name (default: SELFINSTRUCT_MODEL).")]
+
+
+def judge_urls(judge_url: list[str] | None, judge_model: str | None, settings: Settings) -> list[str]:
+    """The judge's servers (given, else Settings'), preflighted; none: the flow starts the embedded one."""
+    from selfinstruct.cli import check_llm_servers  # the module that registers the commands: loaded by now
+
+    urls = [u.rstrip("/") for u in judge_url or []] or settings.llm_urls()
+    if urls:
+        check_llm_servers(urls, judge_model or settings.model, settings)
+    return urls
