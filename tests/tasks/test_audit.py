@@ -192,14 +192,10 @@ def test_audit_flow_with_a_scripted_judge(prefect_server: None, tmp_path: Path, 
 
 
 def test_cli_audit_bad_input_writes_nothing(tmp_path: Path) -> None:
-    import typer
+    from selfinstruct.cli import app
 
-    from selfinstruct.cli_audit import register
-
-    app = typer.Typer()
-    register(app)
-    app.command(name="noop")(lambda: None)  # a second command keeps `audit` a subcommand
     store = tmp_path / "store"
+    store.mkdir()  # an existing, empty store (a missing one is refused before anything else)
     empty = CliRunner().invoke(app, ["audit", "--store", str(store)])
     assert empty.exit_code == 2 and "no committed round to audit" in empty.output
     commit_round(Store(str(store)), [("Add the numbers.", [("1 and 2", "3")])])
