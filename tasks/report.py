@@ -539,6 +539,11 @@ def write_report(store: Store, number: int | None = None) -> tuple[int, str]:
 PRESIGN_EXPIRES_S = 7 * 24 * 3600
 
 
+def report_path(number: int) -> str:
+    """Where a round's report lies below the store root, and below a report server's base URL."""
+    return f"/rounds/round={number:05d}/{REPORT_FILE}"
+
+
 def report_link(store: Store, number: int, report_url: str | None = None) -> str:
     """A link to a round's report that opens in a browser from the Prefect UI.
 
@@ -552,7 +557,7 @@ def report_link(store: Store, number: int, report_url: str | None = None) -> str
         file:// URL for a local folder (which browsers open only from the same machine).
     """
     if report_url:
-        return f"{report_url.rstrip('/')}/rounds/round={number:05d}/{REPORT_FILE}"
+        return f"{report_url.rstrip('/')}{report_path(number)}"
     signed = store.signed_url(number, REPORT_FILE, PRESIGN_EXPIRES_S)
     if signed is not None:
         return signed

@@ -14,15 +14,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tasks.redact import redact_url
-from tasks.report import REPORT_FILE
+from tasks.report import REPORT_FILE, report_path
 from tasks.store import Store, StoreError
 
 _REPORT_PATH = re.compile(r"^/rounds/round=(\d{5})/report\.html$")
-
-
-def report_path(number: int) -> str:
-    """The URL path of a round's report on this server."""
-    return f"/rounds/round={number:05d}/{REPORT_FILE}"
 
 
 def index_page(store: Store) -> str:
