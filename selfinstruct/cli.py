@@ -40,8 +40,11 @@ def check_llm_servers(
     `OpenAICompletionClient.preflight`; the check carries `stop`).
 
     Returns:
-        The smallest context window the servers report, or None.
+        The smallest context window the servers report, or None (also when `urls` is empty: the embedded
+        server is started by the run itself, after this check).
     """
+    if not urls:
+        return None
     import asyncio
     from urllib.parse import urlsplit
 

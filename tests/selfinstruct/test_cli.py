@@ -92,3 +92,11 @@ def test_status_and_verify_on_an_empty_store(store_dir: Path) -> None:
     assert code == 0 and "no committed rounds" in output
     code, output = _invoke("verify", "--store", str(store_dir))
     assert code == 0 and "0 committed rounds" in output
+
+
+def test_no_llm_url_means_the_embedded_server_and_nothing_to_preflight() -> None:
+    """`make run` gives no URL: the run starts the embedded server after the check, so the check passes."""
+    from schemas import Settings
+    from selfinstruct.cli import check_llm_servers
+
+    assert check_llm_servers([], "smollm2-135m-instruct", Settings()) is None
