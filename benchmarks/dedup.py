@@ -1,4 +1,4 @@
-"""ROUGE-L dedup: tasks.dedup against rouge_score used the way Self-Instruct uses it.
+"""ROUGE-L dedup: tasks.round.dedup against rouge_score used the way Self-Instruct uses it.
 
 Run: `python benchmarks/dedup.py [--quick]`. Prints one table:
 
@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from rouge_score import rouge_scorer
 
-from tasks.dedup import PoolIndex, deduplicate
+from tasks.round.dedup import PoolIndex, deduplicate
 
 _VERBS = (
     "write describe explain summarize classify translate list generate create identify compare rewrite find "

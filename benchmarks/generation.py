@@ -42,8 +42,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from schemas import CompletionRecord, SamplingParams, Settings  # noqa: E402
-from tasks.llm import CompletionRequest, OpenAICompletionClient, generate  # noqa: E402
-from tasks.llm_server import EmbeddedServer  # noqa: E402
+from tasks.resources.llm import CompletionRequest, OpenAICompletionClient, generate  # noqa: E402
+from tasks.resources.servers.embedded import EmbeddedServer  # noqa: E402
 
 console = Console(width=180)
 
@@ -248,7 +248,7 @@ def part_c(fake: FakeProcess, latency_s: float, n_prompts: int) -> list[Row]:
     from prefect.client.schemas.sorting import TaskRunSort
     from prefect.runtime import flow_run
 
-    from tasks.llm import generate_in_tasks
+    from tasks.resources.llm import generate_in_tasks
 
     settings = Settings(model="fake-model", llm_batch_size=8, llm_concurrency=8)
     params = SamplingParams(max_tokens=64)

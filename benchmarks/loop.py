@@ -69,8 +69,8 @@ def main() -> None:
     from schemas.audit import AuditParams
     from schemas.training import CompareParams, ComparisonResult, EvaluateParams, FinetuneParams
     from selfinstruct.cli_train import print_comparison
-    from tasks.audit import QUESTION_TEXT, format_rate
-    from tasks.llm_server import EmbeddedServer
+    from tasks.quality.audit import QUESTION_TEXT, format_rate
+    from tasks.resources.servers.embedded import EmbeddedServer
 
     store_dir = args.store or Path(tempfile.mkdtemp(prefix="bench-loop-store-"))
     if args.store is None:

@@ -51,7 +51,7 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
 
 def free_port() -> int:
     """A free TCP port on loopback."""
-    from tasks.llm_server import free_port as pick
+    from tasks.resources.processes import free_port as pick
 
     return pick()
 
@@ -59,7 +59,7 @@ def free_port() -> int:
 def main() -> int:
     """Run the scenario and print the table."""
     from deployments.stack import StackLayout, StackState
-    from tasks.store import Store
+    from tasks.resources.store import Store
 
     data_dir = Path(tempfile.mkdtemp(prefix="selfinstruct-recovery-"))
     config = data_dir / "round.json"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.processes import ExitedBeforeReady, tail
-from tasks.processes import wait_for_http as poll_http
+from tasks.resources.processes import ExitedBeforeReady, tail
+from tasks.resources.processes import wait_for_http as poll_http
 
 # (signal, seconds to wait for the process tree to exit after it). SIGINT first: a Prefect worker ignored
 # SIGTERM for over 10 s but stops cleanly on SIGINT.
@@ -137,7 +137,7 @@ def stop_process_tree(
 
 
 def wait_for_http(url: str, timeout_s: float, process: ManagedProcess, what: str) -> None:
-    """Poll `url` until it answers 200 (the one readiness poll, `tasks.processes.wait_for_http`).
+    """Poll `url` until it answers 200 (the one readiness poll, `tasks.resources.processes.wait_for_http`).
 
     Raises:
         StackError: When `process` exits first or nothing answers within `timeout_s`.

@@ -378,7 +378,7 @@ def check_not_running(layout: StackLayout, say: Say) -> None:
 
 def check_ports(ports: dict[str, int]) -> None:
     """Fail before starting anything when a port is taken."""
-    from tasks.llm_server import port_in_use
+    from tasks.resources.processes import port_in_use
 
     for flag, port in ports.items():
         if port_in_use(port, HOST):
@@ -454,7 +454,7 @@ def start_stack(layout: StackLayout, options: StackOptions, say: Say = lambda _:
             llm_command += ["--cache-dir", str(layout.data_dir / "models")]
             llm = _spawn_recorded(layout, state, "llm", llm_command, env)
         say(f"starting the report server on {state.report_url}")
-        report_command = [sys.executable, "-m", "tasks.report_server", "--store", state.store_url]
+        report_command = [sys.executable, "-m", "tasks.publish.report_server", "--store", state.store_url]
         report_command += ["--host", HOST, "--port", str(options.report_port)]
         report = _spawn_recorded(layout, state, "report", report_command, env)
         # A new database is migrated on first start: 30-60 s on 2 cores.

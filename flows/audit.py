@@ -4,10 +4,10 @@ from prefect import flow
 
 from schemas import Settings
 from schemas.audit import AuditParams
-from tasks.artifacts import name_flow_run
-from tasks.audit import audit_task, publish_audit_task
-from tasks.report import publish_report
-from tasks.store import Store
+from tasks.publish.artifacts import name_flow_run
+from tasks.publish.report import publish_report
+from tasks.quality.audit import audit_task, publish_audit_task
+from tasks.resources.store import Store
 
 
 @flow(name="audit")

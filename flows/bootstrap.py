@@ -7,15 +7,16 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from schemas import CompletionRecord, RoundParams, SamplingParams
-from tasks.artifacts import ProgressArtifact, name_flow_run, publish_round
-from tasks.events import emit_data_ready_if_due, round_slot
-from tasks.llm import CompletionRequest, generate_in_tasks
-from tasks.llm_sizing import size_for_servers_task
-from tasks.progress import ProgressUpdate, generation_hook, report
-from tasks.redact import redact_url
-from tasks.report import publish_report
-from tasks.secrets import run_settings
-from tasks.steps import (
+from tasks.publish.artifacts import ProgressArtifact, name_flow_run, publish_round
+from tasks.publish.events import emit_data_ready_if_due, round_slot
+from tasks.publish.progress import ProgressUpdate, generation_hook, report
+from tasks.publish.report import publish_report
+from tasks.resources.llm import CompletionRequest, generate_in_tasks
+from tasks.resources.llm.sizing import size_for_servers_task
+from tasks.resources.redact import redact_url
+from tasks.resources.secrets import run_settings
+from tasks.resources.store import Store, StoreCompletionCache, end_run_claims
+from tasks.round.steps import (
     RoundResult,
     apply_classification,
     classify_requests,
@@ -30,7 +31,6 @@ from tasks.steps import (
     plan_instruction_prompts_task,
     write_round_task,
 )
-from tasks.store import Store, StoreCompletionCache, end_run_claims
 
 
 def _end_claims(flow: object, flow_run: object, state: object) -> None:

@@ -6,7 +6,7 @@ from prefect import flow
 from flows.evaluate import evaluate
 from flows.finetune import finetune
 from schemas.training import CompareParams
-from tasks.compare import ARMS, arm_params, compare_task, evaluate_params
+from tasks.training.compare import ARMS, arm_params, compare_task, evaluate_params
 
 
 @flow(name="compare")

@@ -3,8 +3,8 @@
 from prefect import flow
 
 from schemas.training import EvaluateParams
-from tasks.artifacts import name_flow_run
-from tasks.evaluate import evaluate_task, publish_evaluation_task, resolve_finetune_task
+from tasks.publish.artifacts import name_flow_run
+from tasks.training.evaluate import evaluate_task, publish_evaluation_task, resolve_finetune_task
 
 
 @flow(name="evaluate")

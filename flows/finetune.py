@@ -3,8 +3,8 @@
 from prefect import flow, get_run_logger
 
 from schemas.training import FinetuneParams
-from tasks.artifacts import name_flow_run
-from tasks.finetune import (
+from tasks.publish.artifacts import name_flow_run
+from tasks.training.finetune import (
     new_finetune_id,
     prepare_data_task,
     publish_finetune_task,

@@ -177,7 +177,7 @@ class FinetuneMetrics(BaseModel):
 class FinetuneManifest(BaseModel):
     """Written last under finetunes/<id>/: a fine-tune exists exactly when its manifest does.
 
-    `rounds` and `dry_run` are read by tasks.events to decide which rounds a fine-tune consumed.
+    `rounds` and `dry_run` are read by tasks.publish.events to decide which rounds a fine-tune consumed.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -195,7 +195,7 @@ class FinetuneManifest(BaseModel):
     )
     dataset_fingerprint: str | None = Field(
         default=None,
-        description="Fingerprint of the dataset folder's data files (tasks/dataset.py); equal to that of "
+        description="Fingerprint of the dataset folder's data files (training/dataset.py); equal to that of "
         "`selfinstruct export --to` with the same rounds and options. None in manifests older than it.",
     )
     export: ExportStats

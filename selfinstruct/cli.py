@@ -48,8 +48,8 @@ def check_llm_servers(
     import asyncio
     from urllib.parse import urlsplit
 
-    from tasks.llm import LLMError, OpenAICompletionClient, check_base_url
-    from tasks.redact import redact_url
+    from tasks.resources.llm import LLMError, OpenAICompletionClient, check_base_url
+    from tasks.resources.redact import redact_url
 
     try:
         for url in urls:
@@ -115,7 +115,7 @@ def run(
     ] = None,
 ) -> None:
     """Run bootstrap rounds and print what each one kept and rejected."""
-    from tasks.seeds import SeedFileError, load_seeds
+    from tasks.round.seeds import SeedFileError, load_seeds
 
     settings = load_settings(store)
     round_config = load_config(config, prompts, adapter)
@@ -150,9 +150,9 @@ def run(
     from flows.bootstrap import bootstrap_round
     from schemas import RoundParams
     from selfinstruct.progress import terminal_progress
-    from tasks.progress import ProgressUpdate, report
-    from tasks.redact import redact_url
-    from tasks.steps import llm_endpoints
+    from tasks.publish.progress import ProgressUpdate, report
+    from tasks.resources.redact import redact_url
+    from tasks.round.steps import llm_endpoints
 
     summaries = []
     with llm_endpoints(list(llm_url or []), settings) as urls, terminal_progress(console):
@@ -211,7 +211,7 @@ def print_summary(store_obj: Any, summaries: list[dict[str, Any]]) -> None:
 @app.command()
 def status(store: Annotated[str | None, typer.Option(help="Store root URL.")] = None) -> None:
     """List the committed rounds of a store."""
-    from tasks.store import StoreError
+    from tasks.resources.store import StoreError
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)
@@ -257,8 +257,8 @@ def verify(
     ] = False,
 ) -> None:
     """Check committed rounds against their manifests and the pool for duplicates; exit 1 on problems."""
-    from tasks.seeds import SeedFileError, load_seeds
-    from tasks.verify import quarantine_dangling, verify_store
+    from tasks.round.seeds import SeedFileError, load_seeds
+    from tasks.round.verify import quarantine_dangling, verify_store
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)
@@ -291,7 +291,7 @@ def unlock(
     store: Annotated[str | None, typer.Option(help="Store root URL.")] = None,
 ) -> None:
     """Lift the claim of an uncommitted round whose holder is gone; refused while its lease is live."""
-    from tasks.store import StoreError
+    from tasks.resources.store import StoreError
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)

@@ -36,8 +36,8 @@ def audit(
 ) -> None:
     """Audit a round's quality with an LLM judge; prints the three rates with 95% intervals."""
     from schemas.audit import AuditParams
-    from tasks.audit import resolve_round
-    from tasks.store import StoreError
+    from tasks.quality.audit import resolve_round
+    from tasks.resources.store import StoreError
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)
@@ -60,7 +60,7 @@ def audit(
 
     from flows.audit import audit as audit_flow
     from schemas.audit import RateEstimate
-    from tasks.audit import QUESTION_TEXT, format_rate
+    from tasks.quality.audit import QUESTION_TEXT, format_rate
 
     try:
         summary = audit_flow(params)

@@ -14,17 +14,10 @@ from typing import Annotated
 import typer
 
 from selfinstruct.console import console, fail
-from tasks.llm_server import (
-    SMOLLM2,
-    VLLM_LORA_RANKS,
-    EmbeddedServer,
-    VLLMServe,
-    free_port,
-    port_in_use,
-    stop_process,
-    vllm_available,
-    wait_until_ready,
-)
+from tasks.resources.processes import free_port, port_in_use, stop_process, wait_until_ready
+from tasks.resources.servers.embedded import EmbeddedServer
+from tasks.resources.servers.models import SMOLLM2
+from tasks.resources.servers.vllm import VLLM_LORA_RANKS, VLLMServe, vllm_available
 
 llm_app = typer.Typer(help="LLM servers for generation.", no_args_is_help=True, add_completion=False)
 

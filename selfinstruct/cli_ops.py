@@ -195,8 +195,8 @@ def report(
 ) -> None:
     """Write a round's HTML report (pool growth, ROUGE-L, lengths, rejections, verbs) into the store."""
     from selfinstruct.inputs import load_settings, open_store_or_fail
-    from tasks.report import render_report, save_report
-    from tasks.store import StoreError
+    from tasks.publish.report import render_report, save_report
+    from tasks.resources.store import StoreError
 
     store_obj = open_store_or_fail(load_settings(store))
     try:

@@ -42,7 +42,7 @@ class Format(StrEnum):
 
 def _where(store_obj: Any) -> str:
     """A store's root for messages, credentials removed."""
-    from tasks.redact import redact_url
+    from tasks.resources.redact import redact_url
 
     return redact_url(store_obj.url)
 
@@ -50,8 +50,8 @@ def _where(store_obj: Any) -> str:
 def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
     """The committed rounds `spec` names, their files checked against the manifests' checksums, or a
     one-line error (a tampered round is never read)."""
-    from tasks.export import ExportError, select_rounds
-    from tasks.store import StoreError
+    from tasks.resources.store import StoreError
+    from tasks.training.export import ExportError, select_rounds
 
     try:
         chosen = select_rounds(spec, store_obj.committed_rounds())
@@ -108,8 +108,8 @@ def export(
     """Write fine-tuning data from committed rounds: jsonl (with provenance), alpaca (one JSON array),
     sft (prompt/completion), messages (conversations for chat fine-tuning), or a Hugging Face dataset
     folder (Parquet splits and a dataset card) with --to DIR or --format hf."""
-    from tasks.export import ExportError, TemplateError, check_export_path, write_export
-    from tasks.seeds import SeedFileError
+    from tasks.round.seeds import SeedFileError
+    from tasks.training.export import ExportError, TemplateError, check_export_path, write_export
 
     target, chosen_format = _export_target(out, fmt, to)
     hf_only = {
@@ -194,8 +194,8 @@ def _export_target(out: Path | None, fmt: Format | None, to: Path | None) -> tup
 
 
 def _check_folder_target(folder: Path) -> None:
-    from tasks.dataset import check_target
-    from tasks.export import ExportError
+    from tasks.training.dataset import check_target
+    from tasks.training.export import ExportError
 
     if folder.suffix.lower() in (".json", ".jsonl", ".parquet"):
         raise ExportError(
@@ -218,10 +218,10 @@ def _export_folder(
     private: bool,
 ) -> None:
     """`export --to DIR`: the dataset folder, a summary, and the optional upload."""
-    from tasks.dataset import DatasetSpec, build_dataset_folder
-    from tasks.dataset import push_to_hub as push
-    from tasks.export import ExportError, TemplateError
-    from tasks.seeds import SeedFileError
+    from tasks.round.seeds import SeedFileError
+    from tasks.training.dataset import DatasetSpec, build_dataset_folder
+    from tasks.training.dataset import push_to_hub as push
+    from tasks.training.export import ExportError, TemplateError
 
     spec = DatasetSpec(
         rounds=chosen,
@@ -350,7 +350,7 @@ def finetune(
     location = store_obj.location_of(f"finetunes/{summary['finetune_id']}")
     console.print(f"stored at {location}; trained on the dataset folder {location}/dataset")
     if vllm_url and not dry_run:
-        from tasks.store import redact_url
+        from tasks.resources.store import redact_url
 
         console.print(
             f"registered on {redact_url(vllm_url)} as {summary['finetune_id']}: generate with it with "
@@ -394,8 +394,8 @@ def evaluate(
     """Compare a fine-tune with its base model on held-out tasks: ROUGE-L F and judged A-D ratings, with
     95% bootstrap intervals over tasks (the `evaluate` flow). With --compare, the seeds-only ablation."""
     from schemas.training import EvaluateParams
-    from tasks.evaluate import load_heldout
-    from tasks.seeds import SeedFileError
+    from tasks.round.seeds import SeedFileError
+    from tasks.training.evaluate import load_heldout
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)
@@ -436,7 +436,7 @@ def evaluate(
     from flows.evaluate import evaluate as evaluate_flow
     from schemas.training import AnswerScores
     from selfinstruct.progress import terminal_progress
-    from tasks.evaluate import score_columns
+    from tasks.training.evaluate import score_columns
 
     try:
         with terminal_progress(console):
@@ -471,7 +471,7 @@ def evaluate(
 
 def _finetune_or_fail(store_obj: Any, finetune_id: str | None) -> str:
     """The fine-tune to evaluate (the newest trained one by default), or a one-line error."""
-    from tasks.finetune import FinetuneError, latest_finetune, read_finetune_manifest
+    from tasks.training.finetune import FinetuneError, latest_finetune, read_finetune_manifest
 
     try:
         if finetune_id is None:
@@ -505,7 +505,7 @@ def _run_compare(params: Any) -> None:
 
 def print_comparison(result: Any) -> None:
     """The comparison table of a ComparisonResult."""
-    from tasks.compare import comparison_rows
+    from tasks.training.compare import comparison_rows
 
     rows = comparison_rows(result)
     table = Table(

@@ -17,7 +17,7 @@ from schemas import BootstrapConfig, Settings
 from selfinstruct.console import fail
 
 if TYPE_CHECKING:
-    from tasks.store import Store
+    from tasks.resources.store import Store
 
 
 def local_data_dir(settings: Settings) -> Path:
@@ -132,14 +132,14 @@ def load_config(path: Path | None, prompts: int | None, adapter: str | None = No
 
 
 def open_store_or_fail(settings: Settings, *, must_exist: bool = True) -> "Store":
-    """The configured store, read once (see `tasks.store.open_store`), or one `error:` line and exit 2.
+    """The configured store, read once (see `open_store` in the store), or one `error:` line and exit 2.
 
     Args:
         settings: Where the store is.
         must_exist: Refuse a store that does not exist (a mistyped path, a missing bucket); `run` passes
             False, and a local store is then created on the first commit, below a folder that must exist.
     """
-    from tasks.store import StoreError, open_store
+    from tasks.resources.store import StoreError, open_store
 
     try:
         store = open_store(settings.store_url, settings, check=True)
@@ -149,7 +149,7 @@ def open_store_or_fail(settings: Settings, *, must_exist: bool = True) -> "Store
     except Exception as error:  # an S3 HEAD of the bucket that fails
         fail(f"store {settings.store_url[:200]}: cannot read it ({type(error).__name__}: {str(error)[:200]})")
     if problem:
-        from tasks.redact import redact_url
+        from tasks.resources.redact import redact_url
 
         fail(f"store {redact_url(settings.store_url)}: {problem}")
     return store

@@ -48,7 +48,7 @@ def guard_child_processes() -> None:
     """
     if not as_program:
         return
-    from tasks.reaper import start_reaper
+    from tasks.resources.reaper import start_reaper
 
     start_reaper()
     signal.signal(signal.SIGINT, _cancel)

@@ -1,5 +1,6 @@
 """The terminal's progress display for `run`, `evaluate` and `finetune`: rich progress bars fed by the
-process-wide sink of tasks/progress.py. Shown only when stdout is a terminal; otherwise nothing is drawn and
+process-wide sink of tasks.publish.progress. Shown
+only when stdout is a terminal; otherwise nothing is drawn and
 nothing is printed, so piped output and logs stay as they were.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from tasks.progress import ProgressUpdate, showing
+from tasks.publish.progress import ProgressUpdate, showing
 
 
 class TerminalProgress:

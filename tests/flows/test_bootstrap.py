@@ -7,7 +7,7 @@ import pytest
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams
-from tasks.store import Store
+from tasks.resources.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_two_rounds_on_the_embedded_model(prefect_server: None, embedded_llm: st
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.artifacts import COUNTS_KEY, PROGRESS_KEY, SAMPLES_KEY
+    from tasks.publish.artifacts import COUNTS_KEY, PROGRESS_KEY, SAMPLES_KEY
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
@@ -78,6 +78,6 @@ def test_two_rounds_on_the_embedded_model(prefect_server: None, embedded_llm: st
     assert len(by_key[COUNTS_KEY]) == 2 and len(by_key[SAMPLES_KEY]) == 2 and len(by_key[PROGRESS_KEY]) >= 2
     latest = max(by_key[COUNTS_KEY], key=lambda a: a.created)  # type: ignore[attr-defined]
     rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data  # type: ignore[attr-defined]
-    from tasks.artifacts import counts_rows
+    from tasks.publish.artifacts import counts_rows
 
     assert rows == counts_rows(manifest2.counts)

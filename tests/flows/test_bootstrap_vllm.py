@@ -8,11 +8,11 @@ import pytest
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
-from tasks.finetune import register_with_vllm
-from tasks.pool import load_pool
-from tasks.seeds import load_seeds
-from tasks.steps import generation_model, plan_instruction_prompts
-from tasks.store import Store
+from tasks.resources.store import Store
+from tasks.round.pool import load_pool
+from tasks.round.seeds import load_seeds
+from tasks.round.steps import generation_model, plan_instruction_prompts
+from tasks.training.finetune import register_with_vllm
 from tests.support.fake_openai import VLLMMode, words
 from tests.support.model_like import ModelLikeFake
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from schemas import Settings
 from selfinstruct.cli import app
-from tasks.store import RoundClaimedError, Store
+from tasks.resources.store import RoundClaimedError, Store
 
 runner = CliRunner()
 

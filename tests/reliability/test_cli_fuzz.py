@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from schemas import BootstrapConfig
 from selfinstruct.cli import app
-from tasks.seeds import DEFAULT_SEEDS, SeedFileError, parse_seed_lines
+from tasks.round.seeds import DEFAULT_SEEDS, SeedFileError, parse_seed_lines
 from tests.support.model_like import ModelLikeFake
 
 runner = CliRunner()

@@ -23,12 +23,12 @@ import pytest
 import s3fs
 from typer.testing import CliRunner
 
-import tasks.store
+import tasks.resources.store
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
 from selfinstruct.cli import app
-from tasks.llm import LLMError
-from tasks.store import Store
+from tasks.resources.llm import LLMError
+from tasks.resources.store import Store
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
 from tests.support.model_like import ModelLikeFake
@@ -59,7 +59,7 @@ def claims_of_an_exited_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     exited = subprocess.Popen(["true"])
     exited.wait()
-    monkeypatch.setattr(tasks.store, "os", SimpleNamespace(getpid=lambda: exited.pid, kill=os.kill))
+    monkeypatch.setattr(tasks.resources.store, "os", SimpleNamespace(getpid=lambda: exited.pid, kill=os.kill))
 
 
 @pytest.fixture
@@ -259,7 +259,7 @@ def test_s3_frozen_during_the_manifest_write(
 # manifest write, "committed" just after it.
 KILLER = r"""
 import os, signal, sys
-import tasks.steps, tasks.store
+import tasks.round.steps, tasks.resources.store
 
 point, _, k = os.environ["RELIABILITY_KILL_AT"].partition(":")
 k = int(k or 0)
@@ -269,27 +269,27 @@ def die(*_args, **_kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if point in ("instruction", "classify", "instance"):
-    put_many = tasks.store.StoreCompletionCache.put_many
+    put_many = tasks.resources.store.StoreCompletionCache.put_many
     def counted_put(self, records):
         global calls
         put_many(self, records)
         calls += bool(records) and records[0].stage == point
         if calls == k:
             die()
-    tasks.store.StoreCompletionCache.put_many = counted_put
+    tasks.resources.store.StoreCompletionCache.put_many = counted_put
 elif point == "dedup":
-    tasks.steps.deduplicate = die
+    tasks.round.steps.deduplicate = die
 elif point == "commit":
-    write_table = tasks.store.Store.write_table
+    write_table = tasks.resources.store.Store.write_table
     def counted_write(self, *args, **kwargs):
         global calls
         calls += 1
         if calls == k:
             die()
         return write_table(self, *args, **kwargs)
-    tasks.store.Store.write_table = counted_write
+    tasks.resources.store.Store.write_table = counted_write
 elif point in ("manifest", "committed"):
-    exclusive_write = tasks.store.Store._exclusive_write
+    exclusive_write = tasks.resources.store.Store._exclusive_write
     def around_manifest(self, path, data):
         if path.endswith("/manifest.json") and point == "manifest":
             die()
@@ -297,7 +297,7 @@ elif point in ("manifest", "committed"):
         if path.endswith("/manifest.json"):
             die()
         return written
-    tasks.store.Store._exclusive_write = around_manifest
+    tasks.resources.store.Store._exclusive_write = around_manifest
 
 from selfinstruct.cli import main
 sys.argv = ["selfinstruct", *sys.argv[1:]]

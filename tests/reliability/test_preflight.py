@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from selfinstruct.cli import app
-from tasks.seeds import DEFAULT_SEEDS, MAX_SEED_FILE_BYTES
-from tasks.store import Store
+from tasks.resources.store import Store
+from tasks.round.seeds import DEFAULT_SEEDS, MAX_SEED_FILE_BYTES
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.model_like import ModelLikeFake
 from tests.support.rounds import commit_round

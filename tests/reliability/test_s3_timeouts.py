@@ -12,7 +12,7 @@ import pytest
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
-from tasks.store import Store, StoreError
+from tasks.resources.store import Store, StoreError
 from tests.support.checks import assert_store_sound
 from tests.support.model_like import ModelLikeFake
 from tests.support.processes import MotoProcess, moto_process

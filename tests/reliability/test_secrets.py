@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
-from tasks.llm import LLMError, OpenAICompletionClient
-from tasks.redact import redact_url
-from tasks.store import Store, StoreError, records_to_table
+from tasks.resources.llm import LLMError, OpenAICompletionClient
+from tasks.resources.redact import redact_url
+from tasks.resources.store import Store, StoreError, records_to_table
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import Fault
 from tests.support.model_like import ModelLikeFake

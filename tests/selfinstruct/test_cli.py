@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfinstruct.cli import app
-from tasks.seeds import DEFAULT_SEEDS
+from tasks.round.seeds import DEFAULT_SEEDS
 
 runner = CliRunner()
 

@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 
 from selfinstruct.progress import TerminalProgress, terminal_progress
-from tasks.progress import ProgressUpdate, generation_hook, report, showing
-from tasks.store import Store
+from tasks.publish.progress import ProgressUpdate, generation_hook, report, showing
+from tasks.resources.store import Store
 from tests.support.model_like import ModelLikeFake
 from tests.support.processes import ROOT, cli_command, cli_env
 

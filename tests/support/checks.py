@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.seeds import load_seeds
-from tasks.store import Store
-from tasks.verify import VerifyReport, verify_store
+from tasks.resources.store import Store
+from tasks.round.seeds import load_seeds
+from tasks.round.verify import VerifyReport, verify_store
 
 
 def assert_store_sound(store: Store) -> VerifyReport:

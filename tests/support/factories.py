@@ -20,7 +20,7 @@ from schemas import (
     RoundManifest,
     SamplingParams,
 )
-from tasks.store import Store, records_to_table
+from tasks.resources.store import Store, records_to_table
 
 
 def completion(text: str = "t", **fields: Any) -> CompletionRecord:

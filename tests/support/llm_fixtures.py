@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasks.llm_server import EmbeddedServer
+from tasks.resources.servers.embedded import EmbeddedServer
 from tests.support.fake_openai import FakeOpenAI
 
 FakeFactory = Callable[..., FakeOpenAI]

@@ -11,7 +11,7 @@ from schemas import (
     RoundManifest,
     SamplingParams,
 )
-from tasks.store import Store, records_to_table
+from tasks.resources.store import Store, records_to_table
 
 # (instruction, [(input, output), ...])
 Task = tuple[str, Sequence[tuple[str, str]]]

@@ -15,9 +15,9 @@ from schemas import (
     SeedInstance,
     SeedTask,
 )
-from tasks.pool import IndexDelta, load_pool
-from tasks.steps import RoundResult, write_round
-from tasks.store import Store
+from tasks.resources.store import Store
+from tasks.round.pool import IndexDelta, load_pool
+from tasks.round.steps import RoundResult, write_round
 
 SEEDS = [
     SeedTask(

@@ -1,4 +1,4 @@
-"""Template loading and filling (tasks/prompts.py)."""
+"""Template loading and filling (tasks/prompts/__init__.py)."""
 
 import re
 
