@@ -34,6 +34,18 @@ class CompletionRecord(BaseModel):
     )
     completion_tokens: int = Field(ge=0, description="Completion tokens of this prompt, or of the request.")
     latency_s: float = Field(ge=0.0, description="Wall time of the HTTP request that carried this prompt.")
+    sent_at: float | None = Field(
+        default=None, description="When the HTTP request carrying this prompt was sent (Unix time, seconds)."
+    )
+    received_at: float | None = Field(
+        default=None, description="When its answer had been read (Unix time, seconds)."
+    )
+    cached_prompt_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Prompt tokens the server took from its prompt cache instead of processing (its "
+        "usage.prompt_tokens_details.cached_tokens, for the whole HTTP request); None when not reported.",
+    )
     model: str
     base_url: str = Field(description="Server that answered, credentials removed.")
     seed: int | None = None

@@ -455,6 +455,7 @@ class OpenAICompletionClient:
     ) -> list[CompletionRecord]:
         async with self._slot() as url:
             request_id = uuid.uuid4().hex
+            sent_at = time.time()
             start = time.perf_counter()
             data = await self._post(url, body, request_id)
             latency = time.perf_counter() - start
@@ -470,6 +471,8 @@ class OpenAICompletionClient:
             # Servers report one total per request; spread it so that the records add up to it.
             # (llama.cpp reports the FIRST prompt's usage only for a list of prompts.)
             per_choice = _split_evenly(_as_count(usage.get("completion_tokens")), len(prompts))
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
         public_url = redact_url(url)
         return [
             CompletionRecord(
@@ -482,6 +485,9 @@ class OpenAICompletionClient:
                 prompt_tokens=n_prompt,
                 completion_tokens=n,
                 latency_s=latency,
+                sent_at=sent_at,
+                received_at=sent_at + latency,
+                cached_prompt_tokens=cached if isinstance(cached, int) and cached >= 0 else None,
                 model=self.model,
                 base_url=public_url,
                 seed=seed,

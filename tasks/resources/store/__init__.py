@@ -57,7 +57,9 @@ DEFAULT_LEASE_S = 180.0
 
 # Columns added to a round file after rounds were first written; files written before lack them, and
 # readers treat them as null.
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"requests": ("rejected",)}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "requests": ("rejected", "sent_at", "received_at", "cached_prompt_tokens")
+}
 
 
 def _arrow_type(annotation: Any, metadata: Sequence[Any] = ()) -> pa.DataType:

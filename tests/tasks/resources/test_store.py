@@ -233,7 +233,9 @@ FULL_RECORDS = {
         max_rouge=0.8,
         most_similar_instruction="Name a fruit.",
     ),
-    "requests": factories.completion(rejected="prompt_too_long"),
+    "requests": factories.completion(
+        rejected="prompt_too_long", sent_at=1.5, received_at=2.25, cached_prompt_tokens=3
+    ),
 }
 
 
