@@ -96,8 +96,9 @@ def test_run_shows_stage_progress_on_a_terminal_and_nothing_when_piped(
         args = ["run", "--prompts", "2", "--no-store-slot", "--llm-url", fake.url]
         code, shown = _run_under_pty(cli_command(*args, "--store", str(tmp_path / "tty")), env, timeout=300)
         assert code == 0, shown[-3000:]
+        # Piped, and with no --llm-url: the Quick start's path, on the embedded llama.cpp server.
         piped = subprocess.run(
-            cli_command(*args, "--store", str(tmp_path / "piped")),
+            cli_command("run", "--prompts", "1", "--no-store-slot", "--store", str(tmp_path / "piped")),
             env=env,
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -105,7 +106,8 @@ def test_run_shows_stage_progress_on_a_terminal_and_nothing_when_piped(
             text=True,
             timeout=300,
         )
-    assert piped.returncode == 0
+    assert piped.returncode == 0, piped.stdout[-3000:]
+    assert Store(str(tmp_path / "piped")).read_manifest(1).model == "smollm2-135m-instruct"
     kept = Store(str(tmp_path / "tty")).read_manifest(1).counts["kept"]
     assert re.search(r"round 1 instructions .*\d+/\d+\s+requests\s+\d+ tok/s", shown), shown[-3000:]
     assert re.search(rf"round 1 instructions .*kept {kept}\b", shown), shown[-3000:]
