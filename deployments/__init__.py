@@ -1,0 +1,1 @@
+"""The Prefect deployments (prefect.yaml) and the local stack that serves them (`selfinstruct stack`)."""
