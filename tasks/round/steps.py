@@ -29,7 +29,7 @@ from tasks.resources.llm import REFUSAL_REASONS, CompletionRequest
 from tasks.resources.servers.embedded import EmbeddedServer
 from tasks.resources.store import Store, records_to_table
 from tasks.round.classify import build_classify_prompt, parse_classification
-from tasks.round.dedup import deduplicate
+from tasks.round.dedup.greedy import deduplicate
 from tasks.round.filters import check_instruction, filter_instances
 from tasks.round.generate import build_instruction_prompt, parse_instructions, sample_in_context
 from tasks.round.instances import build_instance_prompt, parse_instances
