@@ -7,7 +7,7 @@ from typing import Literal
 import pyarrow as pa
 
 from schemas import SeedTask
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round.dedup.index import PoolIndex
 
 INDEX_FILE = "pool_index"

@@ -5,7 +5,7 @@ from pathlib import Path
 from prefect.cache_policies import NO_CACHE
 
 from schemas import BootstrapConfig, Settings
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round import steps
 from tasks.round.pool import load_pool
 from tasks.round.seeds import load_seeds
