@@ -158,8 +158,8 @@ class Store:
         """Claim the round after the last committed one for this run, under a lease.
 
         The claim records when its lease expires; while the round is worked on, a background thread renews
-        it every third of `lease_s` (see `ClaimLease`). A claim whose lease has expired (its holder died or
-        hung, on any host), whose process is gone on this host, or that is unreadable is taken over, so a
+        it every third of `lease_s` (`claims.ClaimLease`). A claim whose lease has expired (its holder died
+        or hung, on any host), whose process is gone on this host, or that is unreadable is taken over, so a
         crashed round is redone under the same number and reuses its cached completions. A claim by the same
         `run_id` (a retry of the same flow run) is reused. The claim is a create-if-absent write, so of two
         runs only one can hold a round.
