@@ -1,4 +1,4 @@
-"""ROUGE-L dedup: tasks.round.dedup against rouge_score used the way Self-Instruct uses it.
+"""ROUGE-L dedup: tasks.round.dedup.greedy.deduplicate against rouge_score used the way Self-Instruct uses it.
 
 Run: `python benchmarks/dedup.py [--quick]`. Prints one table:
 
@@ -35,7 +35,8 @@ from rich.console import Console
 from rich.table import Table
 from rouge_score import rouge_scorer
 
-from tasks.round.dedup import PoolIndex, deduplicate
+from tasks.round.dedup.greedy import deduplicate
+from tasks.round.dedup.index import PoolIndex
 
 _VERBS = (
     "write describe explain summarize classify translate list generate create identify compare rewrite find "

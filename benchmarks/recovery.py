@@ -59,7 +59,7 @@ def free_port() -> int:
 def main() -> int:
     """Run the scenario and print the table."""
     from deployments.stack import StackLayout, StackState
-    from tasks.resources.store import Store
+    from tasks.resources.store.rounds import Store
 
     data_dir = Path(tempfile.mkdtemp(prefix="selfinstruct-recovery-"))
     config = data_dir / "round.json"

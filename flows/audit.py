@@ -7,7 +7,7 @@ from schemas.audit import AuditParams
 from tasks.publish.artifacts import name_flow_run
 from tasks.publish.report import publish_report
 from tasks.quality.audit import audit_task, publish_audit_task
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 
 
 @flow(name="audit")

@@ -8,14 +8,17 @@ from prefect.runtime import flow_run
 
 from schemas import CompletionRecord, RoundParams, SamplingParams
 from tasks.publish.artifacts import ProgressArtifact, name_flow_run, publish_round
-from tasks.publish.events import emit_data_ready_if_due, round_slot
+from tasks.publish.events import emit_data_ready_if_due
 from tasks.publish.progress import ProgressUpdate, generation_hook, report
 from tasks.publish.report import publish_report
 from tasks.resources.llm import CompletionRequest, generate_in_tasks
 from tasks.resources.llm.sizing import size_for_servers_task
 from tasks.resources.redact import redact_url
 from tasks.resources.secrets import run_settings
-from tasks.resources.store import Store, StoreCompletionCache, end_run_claims
+from tasks.resources.store.claims import end_run_claims
+from tasks.resources.store.completions import StoreCompletionCache
+from tasks.resources.store.rounds import Store
+from tasks.resources.store.slot import round_slot
 from tasks.round.steps import (
     RoundResult,
     apply_classification,

@@ -9,8 +9,8 @@ from schemas.config import BootstrapConfig, SamplingParams
 
 Stage = Literal["instruction", "dedup", "classify", "instance"]
 
-# Annotated marker read by the store (tasks/resources/store/), which derives each Parquet file's Arrow schema
-# from these models:
+# Annotated marker read by the store (tasks/resources/store/records.py), which derives each Parquet file's
+# Arrow schema from these models:
 # an int field so marked is a 32-bit column (every other int is 64-bit). Pydantic ignores it.
 INT32_COLUMN = "arrow:int32"
 Int32 = Annotated[int, INT32_COLUMN]

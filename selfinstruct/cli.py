@@ -211,7 +211,7 @@ def print_summary(store_obj: Any, summaries: list[dict[str, Any]]) -> None:
 @app.command()
 def status(store: Annotated[str | None, typer.Option(help="Store root URL.")] = None) -> None:
     """List the committed rounds of a store."""
-    from tasks.resources.store import StoreError
+    from tasks.resources.store.files import StoreError
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)
@@ -291,7 +291,7 @@ def unlock(
     store: Annotated[str | None, typer.Option(help="Store root URL.")] = None,
 ) -> None:
     """Lift the claim of an uncommitted round whose holder is gone; refused while its lease is live."""
-    from tasks.resources.store import StoreError
+    from tasks.resources.store.files import StoreError
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)

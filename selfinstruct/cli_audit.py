@@ -37,7 +37,7 @@ def audit(
     """Audit a round's quality with an LLM judge; prints the three rates with 95% intervals."""
     from schemas.audit import AuditParams
     from tasks.quality.audit import resolve_round
-    from tasks.resources.store import StoreError
+    from tasks.resources.store.files import StoreError
 
     settings = load_settings(store)
     store_obj = open_store_or_fail(settings)

@@ -196,7 +196,7 @@ def report(
     """Write a round's HTML report (pool growth, ROUGE-L, lengths, rejections, verbs) into the store."""
     from selfinstruct.inputs import load_settings, open_store_or_fail
     from tasks.publish.report import render_report, save_report
-    from tasks.resources.store import StoreError
+    from tasks.resources.store.files import StoreError
 
     store_obj = open_store_or_fail(load_settings(store))
     try:

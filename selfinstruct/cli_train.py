@@ -50,7 +50,7 @@ def _where(store_obj: Any) -> str:
 def _rounds_or_fail(store_obj: Any, spec: str | None) -> list[int]:
     """The committed rounds `spec` names, their files checked against the manifests' checksums, or a
     one-line error (a tampered round is never read)."""
-    from tasks.resources.store import StoreError
+    from tasks.resources.store.files import StoreError
     from tasks.training.export import ExportError, select_rounds
 
     try:
@@ -350,7 +350,7 @@ def finetune(
     location = store_obj.location_of(f"finetunes/{summary['finetune_id']}")
     console.print(f"stored at {location}; trained on the dataset folder {location}/dataset")
     if vllm_url and not dry_run:
-        from tasks.resources.store import redact_url
+        from tasks.resources.redact import redact_url
 
         console.print(
             f"registered on {redact_url(vllm_url)} as {summary['finetune_id']}: generate with it with "

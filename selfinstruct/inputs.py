@@ -17,7 +17,7 @@ from schemas import BootstrapConfig, Settings
 from selfinstruct.console import fail
 
 if TYPE_CHECKING:
-    from tasks.resources.store import Store
+    from tasks.resources.store.rounds import Store
 
 
 def local_data_dir(settings: Settings) -> Path:
@@ -139,7 +139,8 @@ def open_store_or_fail(settings: Settings, *, must_exist: bool = True) -> "Store
         must_exist: Refuse a store that does not exist (a mistyped path, a missing bucket); `run` passes
             False, and a local store is then created on the first commit, below a folder that must exist.
     """
-    from tasks.resources.store import StoreError, open_store
+    from tasks.resources.store.files import StoreError
+    from tasks.resources.store.rounds import open_store
 
     try:
         store = open_store(settings.store_url, settings, check=True)

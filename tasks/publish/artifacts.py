@@ -17,7 +17,7 @@ from prefect.events import emit_event
 
 from schemas import InstanceRecord, InstructionRecord, RoundManifest
 from tasks.resources.redact import redact_url
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store, store_root_url
 
 COUNTS_KEY = "selfinstruct-round-counts"
 SAMPLES_KEY = "selfinstruct-round-samples"
@@ -62,15 +62,6 @@ def samples_markdown(
             lines += [f"- **input:** {instance.input or '(none)'}", f"  **output:** {instance.output}"]
         lines.append("")
     return "\n".join(lines)
-
-
-def store_root_url(store: Store) -> str:
-    """The store's root as an absolute, credential-free URL that a worker elsewhere can open.
-
-    A relative local root ("./data") would mean something else in a flow run started by a worker in
-    another working directory, so local stores are announced by their absolute path.
-    """
-    return redact_url(store.location_of("state").removesuffix("/state"))
 
 
 def store_resource_id(store: Store) -> str:

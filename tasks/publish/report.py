@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas import RoundManifest
 from schemas.audit import AuditManifest
 from tasks.resources.redact import redact_url
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 
 REPORT_KEY = "selfinstruct-round-report"
 REPORT_FILE = "report.html"
@@ -481,7 +481,7 @@ def load_report(store: Store, number: int | None = None) -> RoundReport:
     Raises:
         StoreError: When the round is not committed (or the store has none).
     """
-    from tasks.resources.store import StoreError
+    from tasks.resources.store.files import StoreError
 
     committed = store.committed_rounds()
     if number is None:

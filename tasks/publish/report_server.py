@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tasks.publish.report import REPORT_FILE, report_path
 from tasks.resources.redact import redact_url
-from tasks.resources.store import Store, StoreError
+from tasks.resources.store.files import StoreError
+from tasks.resources.store.rounds import Store
 
 _REPORT_PATH = re.compile(r"^/rounds/round=(\d{5})/report\.html$")
 

@@ -29,7 +29,9 @@ from tasks.quality.judge import (
     prompt_version,
 )
 from tasks.quality.stats import wilson_interval
-from tasks.resources.store import Store, StoreError, redact_url
+from tasks.resources.redact import redact_url
+from tasks.resources.store.files import StoreError
+from tasks.resources.store.rounds import Store
 
 AUDITS = "audits"
 TABLE_KEY = "selfinstruct-round-audit"

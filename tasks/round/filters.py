@@ -9,7 +9,7 @@ import string
 from collections.abc import Iterable
 from functools import cache
 
-from tasks.round.dedup import Tokenizer, tokenize
+from tasks.round.dedup.tokens import Tokenizer, tokenize
 
 Verdict = tuple[bool, str | None]
 

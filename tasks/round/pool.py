@@ -7,8 +7,8 @@ from typing import Literal
 import pyarrow as pa
 
 from schemas import SeedTask
-from tasks.resources.store import Store
-from tasks.round.dedup import PoolIndex
+from tasks.resources.store.rounds import Store
+from tasks.round.dedup.index import PoolIndex
 
 INDEX_FILE = "pool_index"
 VOCAB_FILE = "pool_vocab"

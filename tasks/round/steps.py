@@ -27,9 +27,10 @@ from schemas import (
 from schemas.records import Stage
 from tasks.resources.llm import REFUSAL_REASONS, CompletionRequest
 from tasks.resources.servers.embedded import EmbeddedServer
-from tasks.resources.store import Store, records_to_table
+from tasks.resources.store.records import records_to_table
+from tasks.resources.store.rounds import Store
 from tasks.round.classify import build_classify_prompt, parse_classification
-from tasks.round.dedup import deduplicate
+from tasks.round.dedup.greedy import deduplicate
 from tasks.round.filters import check_instruction, filter_instances
 from tasks.round.generate import build_instruction_prompt, parse_instructions, sample_in_context
 from tasks.round.instances import build_instance_prompt, parse_instances

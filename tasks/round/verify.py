@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from schemas import SeedTask
-from tasks.resources.store import ADDED_COLUMNS, ARROW_SCHEMAS, Store
+from tasks.resources.store.records import ADDED_COLUMNS, ARROW_SCHEMAS
+from tasks.resources.store.rounds import Store
 from tasks.round.pool import INDEX_FILE, VOCAB_FILE
 
 

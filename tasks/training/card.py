@@ -20,7 +20,8 @@ import pyarrow as pa
 import yaml
 
 from schemas import RoundManifest, SamplingParams
-from tasks.resources.store import MANIFEST, Store
+from tasks.resources.store.layout import MANIFEST
+from tasks.resources.store.rounds import Store
 
 if TYPE_CHECKING:
     from tasks.training.dataset import BuiltSplits, DatasetSpec

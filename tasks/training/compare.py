@@ -20,7 +20,8 @@ from schemas.training import (
 )
 from tasks.quality.judge import RATING_SCORE
 from tasks.quality.scores import difference_interval, format_interval, task_groups
-from tasks.resources.store import Store, redact_url
+from tasks.resources.redact import redact_url
+from tasks.resources.store.rounds import Store
 from tasks.training.evaluate import EVALUATIONS, RESULT_FILE, score_columns
 from tasks.training.finetune import open_store, read_finetune_manifest
 

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.training import ExportStats
-from tasks.resources.store import Store, redact_url
+from tasks.resources.redact import redact_url
+from tasks.resources.store.rounds import Store
 from tasks.training.export import (
     Example,
     ExportError,

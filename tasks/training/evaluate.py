@@ -28,7 +28,8 @@ from tasks.quality.judge import RATING_TEMPLATE, build_rating_prompt, parse_rati
 from tasks.quality.scores import acceptable, format_interval, mean_interval, rating_counts, task_groups
 from tasks.resources.redact import redact_url
 from tasks.resources.secrets import run_settings
-from tasks.resources.store import FINETUNES, Store, open_store
+from tasks.resources.store.layout import FINETUNES
+from tasks.resources.store.rounds import Store, open_store
 from tasks.training.export import template_by_name
 from tasks.training.finetune import (
     FinetuneError,

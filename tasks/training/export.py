@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from schemas import SeedTask
 from schemas.training import ExportFormat, ExportStats
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "prompts"
 WITH_INPUT = "<<<with input>>>"

@@ -40,7 +40,8 @@ from tasks.resources.redact import redact_url
 from tasks.resources.secrets import run_settings
 from tasks.resources.servers.models import embedded_model_path
 from tasks.resources.servers.vllm import RUNTIME_LORA_ENV
-from tasks.resources.store import FINETUNES, Store, open_store
+from tasks.resources.store.layout import FINETUNES
+from tasks.resources.store.rounds import Store, open_store
 from tasks.training.dataset import DatasetSpec, build_dataset_folder, fingerprint_of_folder
 from tasks.training.export import format_rounds
 
@@ -669,7 +670,8 @@ METRICS_KEY = "selfinstruct-finetune-metrics"
 
 def finetune_event(store: Store, manifest: FinetuneManifest) -> dict[str, Any]:
     """Keyword arguments of `emit_event` announcing a finished fine-tune."""
-    from tasks.publish.artifacts import store_resource_id, store_root_url
+    from tasks.publish.artifacts import store_resource_id
+    from tasks.resources.store.rounds import store_root_url
 
     metrics = manifest.metrics
     return {

@@ -280,7 +280,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The stack, up for the whole module with a round every minute; torn down (idempotently) at the end."""
-    from tasks.resources.store import Store
+    from tasks.resources.store.rounds import Store
 
     data_dir = tmp_path_factory.mktemp("stack")
     config = tmp_path_factory.mktemp("config") / "round.json"
@@ -412,7 +412,7 @@ def test_the_servers_scheduler_starts_rounds_by_itself(stack: Stack) -> None:
 
 @pytest.mark.slow
 def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(stack: Stack, tmp_path: Path) -> None:
-    from tasks.resources.store import Store
+    from tasks.resources.store.rounds import Store
 
     store = Store(str(tmp_path / "store"))
     with stack.api() as client:

@@ -7,7 +7,7 @@ import pytest
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round.pool import load_pool
 from tasks.round.seeds import load_seeds
 from tasks.round.steps import generation_model, plan_instruction_prompts

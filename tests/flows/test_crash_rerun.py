@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tests.support.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from schemas import Settings
 from selfinstruct.cli import app
-from tasks.resources.store import RoundClaimedError, Store
+from tasks.resources.store.claims import RoundClaimedError
+from tasks.resources.store.rounds import Store
 
 runner = CliRunner()
 

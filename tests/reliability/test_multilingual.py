@@ -15,7 +15,7 @@ import pytest
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tests.support.fake_openai import Fault
 from tests.support.model_like import ModelLikeFake
 

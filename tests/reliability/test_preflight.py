@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfinstruct.cli import app
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round.seeds import DEFAULT_SEEDS, MAX_SEED_FILE_BYTES
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.model_like import ModelLikeFake

@@ -12,7 +12,8 @@ import pytest
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
-from tasks.resources.store import Store, StoreError
+from tasks.resources.store.files import StoreError, StoreFiles
+from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.model_like import ModelLikeFake
 from tests.support.processes import MotoProcess, moto_process
@@ -42,16 +43,16 @@ def test_commit_to_a_frozen_endpoint_fails_in_bounded_time_and_the_rerun_complet
     prefect_server: None, frozen_endpoint: tuple[MotoProcess, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     moto, store_url = frozen_endpoint
-    original = Store._exclusive_write
+    original = StoreFiles.exclusive_write
     resume = threading.Timer(OUTAGE_S, moto.resume)
 
-    def freeze_at_the_manifest(self: Store, path: str, data: bytes) -> bool:
+    def freeze_at_the_manifest(self: StoreFiles, path: str, data: bytes) -> bool:
         if path.endswith("/manifest.json") and not resume.is_alive():
             moto.pause()
             resume.start()
         return original(self, path, data)
 
-    monkeypatch.setattr(Store, "_exclusive_write", freeze_at_the_manifest)
+    monkeypatch.setattr(StoreFiles, "exclusive_write", freeze_at_the_manifest)
     params = RoundParams(
         store_url=store_url, config=BootstrapConfig(prompts_per_round=4), store_slot=False, llm_urls=[]
     )
@@ -70,7 +71,7 @@ def test_commit_to_a_frozen_endpoint_fails_in_bounded_time_and_the_rerun_complet
             while time.monotonic() < deadline and not store.committed_rounds():
                 time.sleep(0.5)
             committed_before = store.committed_rounds()
-            monkeypatch.setattr(Store, "_exclusive_write", original)
+            monkeypatch.setattr(StoreFiles, "exclusive_write", original)
             summary: dict[str, Any] = bootstrap_round(params)
         assert summary["round"] == len(committed_before) + 1
         assert store.committed_rounds() == list(range(1, summary["round"] + 1))

@@ -23,7 +23,9 @@ from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
 from tasks.resources.llm import LLMError, OpenAICompletionClient
 from tasks.resources.redact import redact_url
-from tasks.resources.store import Store, StoreError, records_to_table
+from tasks.resources.store.files import StoreError
+from tasks.resources.store.records import records_to_table
+from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import Fault
 from tests.support.model_like import ModelLikeFake

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfinstruct.cli import app
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
 from tests.support.model_like import ModelLikeFake

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from selfinstruct.cli import app
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round.verify import verify_store
 from tests.support.rounds import SEEDS, commit_round
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY

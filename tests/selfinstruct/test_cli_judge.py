@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from selfinstruct.cli_audit import register as register_audit
 from selfinstruct.cli_train import register as register_train
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tests.support.round_builder import commit_round
 
 app = typer.Typer()

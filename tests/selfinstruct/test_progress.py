@@ -13,7 +13,7 @@ from rich.console import Console
 
 from selfinstruct.progress import TerminalProgress, terminal_progress
 from tasks.publish.progress import ProgressUpdate, generation_hook, report, showing
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tests.support.model_like import ModelLikeFake
 from tests.support.processes import ROOT, cli_command, cli_env
 

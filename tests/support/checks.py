@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round.seeds import load_seeds
 from tasks.round.verify import VerifyReport, verify_store
 

@@ -20,7 +20,8 @@ from schemas import (
     RoundManifest,
     SamplingParams,
 )
-from tasks.resources.store import Store, records_to_table
+from tasks.resources.store.records import records_to_table
+from tasks.resources.store.rounds import Store
 
 
 def completion(text: str = "t", **fields: Any) -> CompletionRecord:

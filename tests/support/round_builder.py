@@ -11,7 +11,8 @@ from schemas import (
     RoundManifest,
     SamplingParams,
 )
-from tasks.resources.store import Store, records_to_table
+from tasks.resources.store.records import records_to_table
+from tasks.resources.store.rounds import Store
 
 # (instruction, [(input, output), ...])
 Task = tuple[str, Sequence[tuple[str, str]]]

@@ -15,7 +15,7 @@ from schemas import (
     SeedInstance,
     SeedTask,
 )
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round.pool import IndexDelta, load_pool
 from tasks.round.steps import RoundResult, write_round
 

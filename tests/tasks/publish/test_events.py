@@ -12,7 +12,6 @@ from tasks.publish.artifacts import store_resource_id
 from tasks.publish.events import (
     DATA_READY,
     STATE_FILE,
-    concurrency_limit_name,
     data_ready_due,
     decide_data_ready,
     event_id,
@@ -21,10 +20,10 @@ from tasks.publish.events import (
     read_state,
     record_emitted,
     should_emit,
-    store_root_url,
     trained_rounds,
 )
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store, store_root_url
+from tasks.resources.store.slot import concurrency_limit_name
 from tests.support import factories
 
 
@@ -206,7 +205,7 @@ def test_emit_data_ready_once(prefect_server: None, store: Store) -> None:
 def test_round_slot_serializes_runs_on_one_store(prefect_server: None, store: Store, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    from tasks.publish.events import round_slot
+    from tasks.resources.store.slot import round_slot
 
     spans: dict[str, tuple[float, float]] = {}
 
@@ -236,7 +235,7 @@ def test_round_slot_serializes_runs_on_one_store(prefect_server: None, store: St
 
 @pytest.mark.slow
 def test_waiting_for_the_store_slot_is_bounded_and_says_why(prefect_server: None, store: Store) -> None:
-    from tasks.publish.events import round_slot
+    from tasks.resources.store.slot import round_slot
 
     held = threading.Event()
     release = threading.Event()

@@ -24,7 +24,8 @@ from tasks.publish.report import (
     verb_and_object,
     write_report,
 )
-from tasks.resources.store import Store, StoreError
+from tasks.resources.store.files import StoreError
+from tasks.resources.store.rounds import Store
 from tests.support import factories
 from tests.support.s3 import SECRET_KEY
 

@@ -20,7 +20,8 @@ from tasks.quality.audit import (
     resolve_round,
     sample_items,
 )
-from tasks.resources.store import Store, StoreError
+from tasks.resources.store.files import StoreError
+from tasks.resources.store.rounds import Store
 from tests.support.round_builder import commit_round
 
 INSTRUCTIONS = [{"id": f"r00001-{n:05d}", "instruction": f"Task number {n}."} for n in range(10)]

@@ -8,7 +8,7 @@ from pydantic import SecretStr
 
 from schemas import Settings
 from tasks.resources.secrets import SECRET_BLOCK_FIELDS, run_settings
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 

@@ -16,17 +16,17 @@ from schemas import (
     Settings,
     SimilarInstruction,
 )
-from tasks.resources.store import (
+from tasks.resources.store.claims import RoundClaimedError
+from tasks.resources.store.completions import StoreCompletionCache
+from tasks.resources.store.files import StoreError
+from tasks.resources.store.records import (
     ADDED_COLUMNS,
     ARROW_SCHEMAS,
     RECORD_FILES,
-    RoundClaimedError,
-    Store,
-    StoreCompletionCache,
-    StoreError,
     arrow_schema,
     records_to_table,
 )
+from tasks.resources.store.rounds import Store
 from tests.support import factories
 
 
@@ -67,7 +67,7 @@ def test_committed_round_is_immutable(store: Store) -> None:
     store.commit(manifest)
     store.commit(manifest)  # the same run retrying a write whose response was lost: no error, no change
     other = manifest.model_copy(update={"run_id": "run-b"})
-    store.fs.pipe_file(store._claims(1)[-1], json.dumps({"run_id": "run-b"}).encode())
+    store.fs.pipe_file(store.claims.claim_files(1)[-1], json.dumps({"run_id": "run-b"}).encode())
     with pytest.raises(StoreError, match="already committed"):
         store.commit(other)
     assert store.read_manifest(1).run_id == "run-a"
@@ -83,7 +83,7 @@ def test_live_claim_blocks_a_second_run_and_a_dead_one_is_taken_over(store: Stor
     child = multiprocessing.get_context("spawn").Process(target=int)
     child.start()
     child.join()
-    claims = store._claims(1)
+    claims = store.claims.claim_files(1)
     payload = json.loads(store.fs.cat_file(claims[-1]))
     payload.update(pid=child.pid, run_id="run-dead", attempt=2)
     store.fs.pipe_file(claims[-1].replace("claim-0001", "claim-0002"), json.dumps(payload).encode())

@@ -12,16 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer, scoring
 
-import tasks.round.dedup as dedup
-from tasks.round.dedup import (
-    Decision,
-    PoolIndex,
-    deduplicate,
-    multilingual_tokenize,
-    rouge_l_fmeasure,
-    rouge_l_scores,
-    rouge_tokenize,
-)
+import tasks.round.dedup.greedy as greedy_module
+import tasks.round.dedup.index as index_module
+import tasks.round.dedup.score as score_module
+from tasks.round.dedup.greedy import Decision, deduplicate
+from tasks.round.dedup.index import PoolIndex
+from tasks.round.dedup.score import rouge_l_fmeasure, rouge_l_scores
+from tasks.round.dedup.tokens import Tokenizer, multilingual_tokenize, rouge_tokenize
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
@@ -106,7 +103,7 @@ def instructions(seed: int, count: int, duplicate_share: float = 0.3) -> list[st
     return out
 
 
-def new_index(texts: list[str], tokenizer: dedup.Tokenizer = "rouge") -> PoolIndex:
+def new_index(texts: list[str], tokenizer: Tokenizer = "rouge") -> PoolIndex:
     index = PoolIndex.empty(tokenizer)
     index.add([f"p{i}" for i in range(len(texts))], texts)
     return index
@@ -200,7 +197,7 @@ def test_fmeasure_every_length_up_to_150_is_rouge_scores() -> None:
     assert np.array_equal(ours, np.array(theirs, dtype=np.float64))
     # The argument order never matters: 2*P is exact and * and + commute, in floating point too.
     assert np.array_equal(ours, rouge_l_fmeasure(lcs, n, m))
-    # F rises with the LCS at fixed lengths, which the per-length maxima in tasks.round.dedup rely on.
+    # F rises with the LCS at fixed lengths, which the per-length maxima in tasks.round.dedup.score rely on.
     step = (m > 0) & (n > 0) & (lcs < np.minimum(m, n))
     assert (rouge_l_fmeasure(lcs[step] + 1, m[step], n[step]) > ours[step]).all()
 
@@ -332,9 +329,9 @@ def test_blocks_tiles_and_threads_do_not_change_a_bit(
     pool, candidates, reference = corpus
     ids = [f"c{i}" for i in range(len(candidates))]
     baseline = deduplicate(ids, candidates, new_index(pool), top_k=5, workers=1)
-    monkeypatch.setattr(dedup, "BLOCK_SIZE", 16)
-    monkeypatch.setattr(dedup, "_ROW_CHUNK", 7)
-    monkeypatch.setattr(dedup, "_INTRA_CHUNK", 33)
+    monkeypatch.setattr(index_module, "BLOCK_SIZE", 16)
+    monkeypatch.setattr(score_module, "_ROW_CHUNK", 7)
+    monkeypatch.setattr(greedy_module, "_INTRA_CHUNK", 33)
     sharded = deduplicate(ids, candidates, new_index(pool), top_k=5, workers=2)
     assert [as_tuple(d) for d in sharded] == [as_tuple(d) for d in baseline]  # the mean too, bit for bit
     assert_same_as_reference(sharded, reference, k=5)
@@ -450,7 +447,7 @@ def test_export_tables() -> None:
 
 def test_dask_cluster_gives_identical_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
     distributed = pytest.importorskip("distributed")
-    monkeypatch.setattr(dedup, "BLOCK_SIZE", 128)  # several shards from a small pool
+    monkeypatch.setattr(index_module, "BLOCK_SIZE", 128)  # several shards from a small pool
     texts = instructions(seed=12, count=1100)
     pool, candidates = texts[:700], texts[700:]
     ids = [f"c{i}" for i in range(len(candidates))]

@@ -5,7 +5,7 @@ from pathlib import Path
 from prefect.cache_policies import NO_CACHE
 
 from schemas import BootstrapConfig, Settings
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round import steps
 from tasks.round.pool import load_pool
 from tasks.round.seeds import load_seeds
@@ -91,7 +91,8 @@ def test_loaded_pool_decides_like_a_freshly_tokenized_one(tmp_path: Path) -> Non
     )
     seeds, _ = load_seeds()
     loaded = load_pool(store, seeds, "rouge")
-    from tasks.round.dedup import PoolIndex, deduplicate
+    from tasks.round.dedup.greedy import deduplicate
+    from tasks.round.dedup.index import PoolIndex
 
     fresh = PoolIndex.empty("rouge")
     fresh.add([t.id for t in seeds], [t.instruction for t in seeds])

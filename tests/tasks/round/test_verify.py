@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.round.verify import quarantine_dangling, verify_store
 from tests.support.rounds import SEEDS
 from tests.support.rounds import commit_round as _commit

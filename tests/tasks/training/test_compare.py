@@ -134,7 +134,7 @@ def test_comparison_table() -> None:
 @pytest.mark.slow
 def test_compare_flow_on_cpu(prefect_server: None, tmp_path: Path, fake_openai: Any) -> None:
     from flows.compare import compare
-    from tasks.resources.store import Store
+    from tasks.resources.store.rounds import Store
     from tests.support.round_builder import commit_round
 
     store = Store(str(tmp_path / "store"))

@@ -9,7 +9,7 @@ import pytest
 
 from schemas.training import EvaluateParams, EvaluationResult, FinetuneMetrics, FinetuneParams
 from tasks.publish.progress import ProgressUpdate, showing
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.training.evaluate import (
     DEFAULT_HELDOUT,
     answer_quality,

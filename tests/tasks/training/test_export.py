@@ -12,7 +12,7 @@ from schemas import (
 )
 from schemas.training import ExportFormat, FinetuneParams
 from selfinstruct.cli import app
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.training.export import (
     ExportError,
     TemplateError,

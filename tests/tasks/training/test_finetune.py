@@ -11,7 +11,7 @@ from schemas.training import FinetuneManifest, FinetuneMetrics, FinetuneParams
 from tasks.publish.events import trained_rounds
 from tasks.publish.progress import ProgressUpdate, showing
 from tasks.resources.servers.models import embedded_model_path
-from tasks.resources.store import Store
+from tasks.resources.store.rounds import Store
 from tasks.training.dataset import DatasetSpec, build_dataset_folder
 from tasks.training.export import ExportError, load_templates
 from tasks.training.finetune import (
