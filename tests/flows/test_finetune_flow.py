@@ -12,11 +12,11 @@ from flows.evaluate import evaluate
 from flows.finetune import finetune
 from schemas.training import EvaluateParams, EvaluationResult, FinetuneManifest, FinetuneParams
 from selfinstruct.cli import app
-from tasks.publish.artifacts import store_resource_id
-from tasks.publish.events import store_root_url
+from tasks.publish.artifacts import store_resource_id, store_root_url
 from tasks.resources.store import Store
+from tasks.training.announce import FINETUNE_COMPLETED, METRICS_KEY
 from tasks.training.evaluate import TABLE_KEY
-from tasks.training.finetune import FINETUNE_COMPLETED, METRICS_KEY, latest_finetune
+from tasks.training.registry import latest_finetune
 from tests.support.factories import TRAIN_KNOBS, two_round_store, write_heldout
 
 pytestmark = pytest.mark.slow

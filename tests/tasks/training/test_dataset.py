@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from schemas import BootstrapConfig, RoundManifest
-from selfinstruct.cli_train import register
+from selfinstruct.cli_export import register
 from tasks.round.seeds import DEFAULT_SEEDS
 from tasks.training.card import Lineage, RoundLineage, read_lineage, render_card
 from tasks.training.dataset import (
@@ -23,7 +23,8 @@ from tasks.training.dataset import (
     build_splits,
     fingerprint_of_folder,
 )
-from tasks.training.export import ExportError, load_templates
+from tasks.training.export import ExportError
+from tasks.training.templates import load_templates
 from tests.support.factories import two_round_store, write_seed_file
 
 
