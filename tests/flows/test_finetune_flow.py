@@ -76,6 +76,7 @@ def test_finetune_then_evaluate(prefect_server: None, tmp_path: Path) -> None:
         store
     )
     assert events[0]["resource"]["selfinstruct.dry-run"] == "false"
+    assert events[0]["resource"]["selfinstruct.finetune.purpose"] == "standalone"  # the evaluate trigger's
 
     heldout = write_heldout(tmp_path / "heldout.jsonl")
     params = EvaluateParams(
