@@ -4,14 +4,11 @@ from prefect import flow, get_run_logger
 
 from schemas.training import FinetuneParams
 from tasks.publish.artifacts import name_flow_run
-from tasks.training.finetune import (
-    new_finetune_id,
-    prepare_data_task,
-    publish_finetune_task,
-    register_task,
-    train_task,
-    write_manifest_task,
-)
+from tasks.training.announce import publish_finetune_task
+from tasks.training.data import prepare_data_task
+from tasks.training.register import register_task
+from tasks.training.registry import new_finetune_id, write_manifest_task
+from tasks.training.train import train_task
 
 
 @flow(name="finetune")

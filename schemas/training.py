@@ -63,6 +63,11 @@ class FinetuneParams(BaseModel):
     dry_run: bool = Field(
         default=False, description="Build the data and write the manifest, but do not train."
     )
+    purpose: Literal["standalone", "compare"] = Field(
+        default="standalone",
+        description="'compare': an arm of the compare flow, which evaluates its arms itself, so the evaluate "
+        "deployment's trigger skips it; 'standalone': any other fine-tune (the trigger evaluates it).",
+    )
     vllm_url: str | None = Field(
         default=None,
         description="vLLM server (…/v1) with runtime LoRA loading on, to register the adapter with.",

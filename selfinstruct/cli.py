@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from schemas import Settings
-from selfinstruct import cli_audit, cli_ops, cli_train, processes
+from selfinstruct import cli_audit, cli_export, cli_ops, cli_train, processes
 from selfinstruct.cli_llm import llm_app
 from selfinstruct.console import console, errors, fail
 from selfinstruct.inputs import (
@@ -303,6 +303,7 @@ def unlock(
 
 
 cli_ops.register(app)
+cli_export.register(app)
 cli_train.register(app)
 cli_audit.register(app)
 app.add_typer(llm_app, name="llm", help="Start an LLM server (vLLM or the embedded llama.cpp).")

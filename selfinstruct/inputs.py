@@ -166,6 +166,26 @@ def check_store_writable(settings: Settings) -> None:
         fail(f"store {settings.store_url}: {existing} is not writable")
 
 
+# The store and rounds of `export`, `finetune` and `evaluate`: the same options, and the same check.
+StoreOption = Annotated[str | None, typer.Option(help="Store root URL (folder or s3://bucket/prefix).")]
+RoundsOption = Annotated[
+    str | None, typer.Option(help="Committed rounds, inclusive: N, A:B, :B or A: (default: all).")
+]
+
+
+def rounds_or_fail(store: "Store", spec: str | None) -> list[int]:
+    """The committed rounds `spec` names, their files checked against the manifests' checksums, or one
+    `error:` line (a tampered round is never read)."""
+    from tasks.resources.redact import redact_url
+    from tasks.resources.store.files import StoreError
+    from tasks.training.export import ExportError, checked_rounds
+
+    try:
+        return checked_rounds(store, spec)
+    except (ExportError, StoreError) as error:
+        fail(f"{error} (store {redact_url(store.url)})")
+
+
 # The judge of `audit` and `evaluate`: the same two options, and the same check of its servers.
 JudgeUrlOption = Annotated[
     list[str] | None,

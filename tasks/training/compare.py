@@ -21,9 +21,10 @@ from schemas.training import (
 from tasks.quality.judge import RATING_SCORE
 from tasks.quality.scores import difference_interval, format_interval, task_groups
 from tasks.resources.redact import redact_url
-from tasks.resources.store.rounds import Store
+from tasks.resources.store.rounds import Store, open_store
+from tasks.training.answers import load_heldout
 from tasks.training.evaluate import EVALUATIONS, RESULT_FILE, score_columns
-from tasks.training.finetune import open_store, read_finetune_manifest
+from tasks.training.registry import read_finetune_manifest
 
 COMPARISON_FILE = "comparison.json"
 TABLE_KEY = "selfinstruct-comparison"
@@ -34,9 +35,13 @@ ARMS = ("seeds_only", "seeds_and_rounds")
 
 
 def arm_params(params: CompareParams) -> dict[str, FinetuneParams]:
-    """The fine-tune of each arm: the shared knobs, seeds in both, rounds only in the second."""
+    """The fine-tune of each arm: the shared knobs, seeds in both, rounds only in the second.
+
+    Both are of purpose "compare": this flow evaluates them itself, so the `evaluate` deployment's trigger on
+    `selfinstruct.finetune.completed` must not evaluate them again (see tasks/training/announce.py).
+    """
     shared = params.finetune.model_copy(
-        update={"store_url": params.store_url, "include_seeds": True, "dry_run": False}
+        update={"store_url": params.store_url, "include_seeds": True, "dry_run": False, "purpose": "compare"}
     )
     return {
         "seeds_only": shared.model_copy(update={"rounds": []}),
@@ -139,10 +144,8 @@ def build_comparison(
 
     Raises:
         ValueError: When the evaluations are not comparable.
-        tasks.training.finetune.FinetuneError: When a fine-tune is unknown.
+        tasks.training.models.FinetuneError: When a fine-tune is unknown.
     """
-    from tasks.training.evaluate import load_heldout
-
     first, second = (read_evaluation(store, evaluations[arm]) for arm in ARMS)
     heldout = params.evaluate.heldout_path
     tasks, sha256 = load_heldout(Path(heldout) if heldout else None, params.evaluate.limit)

@@ -215,11 +215,15 @@ def build_splits(store: Store, spec: DatasetSpec) -> BuiltSplits:
 
 
 def check_target(folder: Path) -> None:
-    """Refuse a target that is a file, or a folder holding anything but an earlier export.
+    """Refuse a target named like a data file, a file, or a folder holding anything but an earlier export.
 
     Raises:
         ExportError: With the reason, before anything is written.
     """
+    if folder.suffix.lower() in (".json", ".jsonl", ".parquet"):
+        raise ExportError(
+            f"{folder}: --format hf writes a folder; give a folder name, not a {folder.suffix} file"
+        )
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{folder}: is a file; the dataset needs a folder")
     if folder.is_dir():

@@ -1,11 +1,9 @@
 """Held-out evaluation: the base model and base + adapter answer unseen tasks; ROUGE-L F against references.
 
 ROUGE-L F is the metric of SuperNI (which Self-Instruct reports on), computed with rouge-score's own
-RougeScorer(["rougeL"]). Answers are decoded greedily, so a result depends only on the held-out file, the
-adapter and the settings; `comparison_key` hashes those settings and the file so results of different
-fine-tunes can be put side by side only when they were measured the same way.
-
-torch, transformers and peft are imported inside the functions that use them.
+RougeScorer(["rougeL"]). The answers come from answers.py (greedy), so a result depends only on the held-out
+file, the adapter and the settings; `comparison_key` hashes those settings and the file so results of
+different fine-tunes can be put side by side only when they were measured the same way.
 """
 
 import hashlib
@@ -13,7 +11,6 @@ import json
 import re
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -21,25 +18,25 @@ from typing import Any, Literal
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from schemas import SeedTask
 from schemas.training import AnswerScores, EvaluateParams, EvaluationResult, Rating, TaskAnswers
-from tasks.publish.progress import ProgressUpdate, report
 from tasks.quality.judge import RATING_TEMPLATE, build_rating_prompt, parse_rating, prompt_version
 from tasks.quality.scores import acceptable, format_interval, mean_interval, rating_counts, task_groups
 from tasks.resources.redact import redact_url
 from tasks.resources.secrets import run_settings
 from tasks.resources.store.layout import FINETUNES
 from tasks.resources.store.rounds import Store, open_store
-from tasks.training.export import template_by_name
-from tasks.training.finetune import (
-    FinetuneError,
-    latest_finetune,
-    load_base_model,
-    read_finetune_manifest,
-    set_torch_threads,
+from tasks.training.answers import (
+    DEFAULT_HELDOUT,
+    HeldoutPrompt,
+    answered_progress,
+    build_prompts,
+    generate_answers,
+    load_finetuned,
+    load_heldout,
 )
+from tasks.training.models import FinetuneError, load_base_model, set_torch_threads
+from tasks.training.registry import finetune_to_evaluate, read_finetune_manifest
 
-DEFAULT_HELDOUT = Path(__file__).resolve().parents[2] / "seeds" / "heldout_tasks.jsonl"
 EVALUATIONS = "evaluations"
 RESULT_FILE = "result.json"
 TABLE_KEY = "selfinstruct-evaluation"
@@ -49,68 +46,7 @@ JudgeFn = Callable[[list[str]], list[str]]
 _WORD = re.compile(r"\w+")
 
 
-@dataclass(frozen=True)
-class HeldoutPrompt:
-    """One held-out task as a prompt and its reference answer."""
-
-    id: str
-    prompt: str
-    reference: str
-    instruction: str = ""
-    input: str = ""
-
-
-# -- pure: prompts and scoring --------------------------------------------------------------------------
-
-
-def load_heldout(path: Path | None = None, limit: int | None = None) -> tuple[list[SeedTask], str]:
-    """The first `limit` held-out tasks (all when None) and the sha256 of the whole file.
-
-    One instruction may appear on several lines with different inputs; each line is one prompt.
-
-    Raises:
-        tasks.round.seeds.SeedFileError: When the file is missing or invalid.
-    """
-    from tasks.round.seeds import load_seeds
-
-    tasks, sha256 = load_seeds(path or DEFAULT_HELDOUT, repeated_instructions=True)
-    return tasks[:limit] if limit else tasks, sha256
-
-
-def build_prompts(
-    tasks: Sequence[SeedTask], prompt_format: str, template_name: str, tokenizer: Any = None
-) -> list[HeldoutPrompt]:
-    """Prompts for the first instance of each task.
-
-    Args:
-        tasks: Held-out tasks.
-        prompt_format: "template" renders the named sft_*.txt template (the fine-tuning format); "chat"
-            applies the tokenizer's chat template to the instruction and input as one user message.
-        template_name: Template name, for "template".
-        tokenizer: Needed for "chat".
-    """
-    template = template_by_name(template_name) if prompt_format == "template" else None
-    prompts = []
-    for task_ in tasks:
-        instance = task_.instances[0]
-        instruction, input_text = task_.instruction.strip(), instance.input.strip()
-        if template is not None:
-            prompt = template.render(instruction, input_text)
-        else:
-            content = f"{instruction}\n\n{input_text}" if input_text else instruction
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
-        prompts.append(
-            HeldoutPrompt(
-                id=task_.id,
-                prompt=prompt,
-                reference=instance.output.strip(),
-                instruction=instruction,
-                input=input_text,
-            )
-        )
-    return prompts
+# -- pure: scoring --------------------------------------------------------------------------------------
 
 
 def answer_quality(text: str) -> Quality:
@@ -220,70 +156,7 @@ def evaluation_id(finetune_id: str, key: str) -> str:
     return f"{finetune_id}--{key[:10]}"
 
 
-# -- generation -----------------------------------------------------------------------------------------
-
-
-def generate_answers(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int,
-    on_progress: Callable[[int, int], None] | None = None,
-) -> list[str]:
-    """Greedy answers to `prompts`, batched with left padding (prompts of similar length batched together).
-
-    `on_progress(answered, total)` is called after each batch, when given.
-
-    Returns:
-        The decoded new tokens of each prompt, stripped, in the order of `prompts`.
-    """
-    import torch
-
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    model.eval()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: dict[int, str] = {}
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = tokenizer(
-                [prompts[i] for i in chunk], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = output[:, batch["input_ids"].shape[1] :]
-            for i, text in zip(
-                chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-            ):
-                answers[i] = text.strip()
-            if on_progress is not None:
-                on_progress(len(answers), len(prompts))
-    return [answers[i] for i in range(len(prompts))]
-
-
-def load_finetuned(base_model: str | None, adapter_dir: Path) -> tuple[Any, Any]:
-    """The base model with the adapter merged in (merging makes generation as fast as the base's)."""
-    from peft import PeftModel
-
-    model, tokenizer = load_base_model(base_model)
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(), tokenizer
-
-
 # -- the evaluation -------------------------------------------------------------------------------------
-
-
-def _answered_progress(key: str) -> Callable[[int, int], None]:
-    """Terminal progress of one model's answers (tasks answered of all), for `generate_answers`."""
-
-    def hook(done: int, total: int) -> None:
-        report(ProgressUpdate(key, done=done, total=total, unit="tasks"))
-
-    return hook
 
 
 def evaluate_finetune(
@@ -334,7 +207,7 @@ def evaluate_finetune(
                 [p.prompt for p in prompts],
                 params.max_new_tokens,
                 params.batch_size,
-                _answered_progress(f"evaluate {name}"),
+                answered_progress(f"evaluate {name}"),
             )
             del model  # one copy of the weights at a time
             if log is not None:
@@ -436,10 +309,7 @@ def comparison_rows(result: EvaluationResult) -> list[dict[str, str | float | in
 def resolve_finetune_task(params: EvaluateParams) -> str:
     """The fine-tune to evaluate: the one asked for, else the newest trained one."""
     store = open_store(params.store_url, run_settings())
-    if params.finetune_id is not None:
-        read_finetune_manifest(store, params.finetune_id)  # fails clearly when unknown
-        return params.finetune_id
-    found = latest_finetune(store)
+    found = finetune_to_evaluate(store, params.finetune_id)  # fails clearly when unknown or a dry run
     if found is None:
         raise FinetuneError(f"store {redact_url(store.url)} has no trained fine-tune to evaluate")
     return found

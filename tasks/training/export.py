@@ -4,11 +4,7 @@ Each kept instruction contributes up to `max_instances` of its instances; duplic
 example is rendered with one of several prompt templates (with- and without-input variants, picked by a
 seeded RNG) so that the model does not tie itself to one surface form; the result is shuffled with the seed.
 
-Templates live in tasks/prompts/sft_*.txt. A file holds two sections, each opened by a marker line,
-`<<<with input>>>` and `<<<without input>>>`. Every line of a section up to the next marker is part of the
-prompt and is followed by a newline, so a prompt always ends with "\\n" and the completion (the output) starts
-on a fresh line; the last line must not be blank (see `parse_template`). `{instruction}` and `{input}` are
-replaced in one pass, so braces in the data stay as they are.
+Templates live in tasks/prompts/sft_*.txt and are parsed and rendered by templates.py.
 
 Formats (`to_rows`, `encode_rows`): `jsonl` (JSON Lines with provenance), `alpaca` (one JSON array of
 instruction/input/output, as Alpaca's own data file), `sft` (JSON Lines of prompt/completion, rendered with
@@ -34,21 +30,14 @@ import pyarrow as pa
 from schemas import SeedTask
 from schemas.training import ExportFormat, ExportStats
 from tasks.resources.store.rounds import Store
+from tasks.training.templates import SftTemplate, load_templates
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "prompts"
-WITH_INPUT = "<<<with input>>>"
-WITHOUT_INPUT = "<<<without input>>>"
 SEED_ROUND = 0  # the `round` of examples that come from the seed file
-_PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
 _ROUNDS_SPEC = re.compile(r"\s*(\d*)\s*(:?)\s*(\d*)\s*")
 
 
 class ExportError(ValueError):
     """Data that cannot be exported as asked; the message says why in one line."""
-
-
-class TemplateError(ValueError):
-    """A template file that does not follow the sft_*.txt format; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -64,21 +53,6 @@ class Example:
 
 
 @dataclass(frozen=True)
-class SftTemplate:
-    """A prompt template with its two variants."""
-
-    name: str
-    with_input: str
-    without_input: str
-
-    def render(self, instruction: str, input_text: str) -> str:
-        """The prompt for an instruction and its input (the without-input variant when the input is empty)."""
-        text = self.with_input if input_text else self.without_input
-        values = {"instruction": instruction, "input": input_text}
-        return _PLACEHOLDER.sub(lambda match: values[match.group(1)], text)
-
-
-@dataclass(frozen=True)
 class ExportResult:
     """Where an export went and what it holds."""
 
@@ -87,65 +61,6 @@ class ExportResult:
     sha256: str
     rounds: list[int]
     stats: ExportStats
-
-
-# -- templates ------------------------------------------------------------------------------------------
-
-
-def parse_template(name: str, text: str) -> SftTemplate:
-    """Parse the text of an sft_*.txt file.
-
-    Args:
-        name: The template's name (file name without `sft_` and `.txt`), used in messages.
-        text: The file's content.
-
-    Raises:
-        TemplateError: When a section is missing or repeated, or a placeholder is missing or misplaced.
-    """
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if line.strip() in (WITH_INPUT, WITHOUT_INPUT):
-            if line.strip() in sections:
-                raise TemplateError(f"template {name}: section {line.strip()} appears twice")
-            current = sections.setdefault(line.strip(), [])
-        elif current is None:
-            raise TemplateError(f"template {name}: text before the first section marker")
-        else:
-            current.append(line + "\n")
-    missing = [marker for marker in (WITH_INPUT, WITHOUT_INPUT) if marker not in sections]
-    if missing:
-        raise TemplateError(f"template {name}: missing section {missing[0]}")
-    with_input, without_input = "".join(sections[WITH_INPUT]), "".join(sections[WITHOUT_INPUT])
-    if with_input.endswith("\n\n") or without_input.endswith("\n\n") or not with_input or not without_input:
-        # BPE tokenizers merge a run of newlines differently when the answer follows it, so a prompt ending in
-        # a blank line would not be a token prefix of prompt + answer.
-        raise TemplateError(f"template {name}: a section must end with a non-empty line")
-    if with_input.count("{instruction}") != 1 or with_input.count("{input}") != 1:
-        raise TemplateError(f"template {name}: {WITH_INPUT} needs {{instruction}} and {{input}} once each")
-    if without_input.count("{instruction}") != 1 or "{input}" in without_input:
-        raise TemplateError(f"template {name}: {WITHOUT_INPUT} needs {{instruction}} once and no {{input}}")
-    return SftTemplate(name=name, with_input=with_input, without_input=without_input)
-
-
-def load_templates(folder: Path = TEMPLATES_DIR) -> list[SftTemplate]:
-    """Every sft_*.txt template in `folder`, sorted by name (the order the seeded RNG picks from)."""
-    templates = [
-        parse_template(path.stem.removeprefix("sft_"), path.read_text(encoding="utf-8"))
-        for path in sorted(folder.glob("sft_*.txt"))
-    ]
-    if not templates:
-        raise TemplateError(f"{folder}: no sft_*.txt templates")
-    return templates
-
-
-def template_by_name(name: str, templates: Sequence[SftTemplate] | None = None) -> SftTemplate:
-    """The template called `name` (without the sft_ prefix)."""
-    for template in templates or load_templates():
-        if template.name == name:
-            return template
-    names = ", ".join(t.name for t in templates or load_templates())
-    raise TemplateError(f"no template named {name!r} (have: {names})")
 
 
 # -- examples -------------------------------------------------------------------------------------------
@@ -446,6 +361,19 @@ def check_export_path(out: Path, fmt: ExportFormat) -> None:
 
 
 # -- I/O ------------------------------------------------------------------------------------------------
+
+
+def checked_rounds(store: Store, spec: str | None) -> list[int]:
+    """The committed rounds of `store` that `spec` names (see `select_rounds`), every file checked against its
+    round manifest's checksum, so a tampered round is never read.
+
+    Raises:
+        ExportError: On a malformed spec, or when it names no committed round.
+        tasks.resources.store.files.StoreError: When a file of a chosen round is missing or differs.
+    """
+    chosen = select_rounds(spec, store.committed_rounds())
+    store.check_checksums(chosen)
+    return chosen
 
 
 def read_round_tables(store: Store, rounds: Sequence[int]) -> tuple[pa.Table, pa.Table]:

@@ -85,6 +85,22 @@ def test_trigger_parameters_fit_the_finetune_flow() -> None:
     AuditParams.model_validate({"store_url": "/data/store", "round": 3})
 
 
+def test_evaluate_trigger_skips_dry_runs_and_compare_arms() -> None:
+    from typing import get_args
+
+    from schemas.training import FinetuneParams
+
+    # The compare flow evaluates its own arms (purpose "compare"); evaluating them again wastes GPU hours.
+    (trigger,) = _deployments()["evaluate"]["triggers"]
+    assert trigger["expect"] == ["selfinstruct.finetune.completed"]
+    assert trigger["match"] == {
+        "prefect.resource.id": "selfinstruct.store.*",
+        "selfinstruct.dry-run": "false",
+        "selfinstruct.finetune.purpose": "standalone",
+    }
+    assert set(get_args(FinetuneParams.model_fields["purpose"].annotation)) == {"standalone", "compare"}
+
+
 def test_dry_run_copy_flips_only_the_trigger(tmp_path: Path) -> None:
     copy = render_prefect_file(PREFECT_FILE, tmp_path / "prefect.yaml", StackOptions(dry_run_finetunes=True))
     original, changed = yaml.safe_load(PREFECT_FILE.read_text()), yaml.safe_load(copy.read_text())

@@ -12,7 +12,7 @@ from tasks.resources.store.rounds import Store
 from tasks.round.pool import load_pool
 from tasks.round.seeds import load_seeds
 from tasks.round.steps import generation_model, plan_instruction_prompts
-from tasks.training.finetune import register_with_vllm
+from tasks.training.register import register_with_vllm
 from tests.support.fake_openai import VLLMMode, words
 from tests.support.model_like import ModelLikeFake
 

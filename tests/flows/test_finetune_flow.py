@@ -12,10 +12,11 @@ from flows.evaluate import evaluate
 from flows.finetune import finetune
 from schemas.training import EvaluateParams, EvaluationResult, FinetuneManifest, FinetuneParams
 from selfinstruct.cli import app
-from tasks.publish.artifacts import store_resource_id
-from tasks.resources.store.rounds import Store, store_root_url
+from tasks.publish.artifacts import store_resource_id, store_root_url
+from tasks.resources.store.rounds import Store
+from tasks.training.announce import FINETUNE_COMPLETED, METRICS_KEY
 from tasks.training.evaluate import TABLE_KEY
-from tasks.training.finetune import FINETUNE_COMPLETED, METRICS_KEY, latest_finetune
+from tasks.training.registry import latest_finetune
 from tests.support.factories import TRAIN_KNOBS, two_round_store, write_heldout
 
 pytestmark = pytest.mark.slow
@@ -75,6 +76,7 @@ def test_finetune_then_evaluate(prefect_server: None, tmp_path: Path) -> None:
         store
     )
     assert events[0]["resource"]["selfinstruct.dry-run"] == "false"
+    assert events[0]["resource"]["selfinstruct.finetune.purpose"] == "standalone"  # the evaluate trigger's
 
     heldout = write_heldout(tmp_path / "heldout.jsonl")
     params = EvaluateParams(

@@ -1,6 +1,6 @@
 """The client, the config and the sizing against the vLLM stand-in (tests/support/fake_openai.py `VLLMMode`).
 
-Each numbered finding of issue 17 has a test here (or in test_llm_server.py / test_finetune.py / the round
+Each numbered finding of issue 17 has a test here (or in test_llm_server.py / test_register.py / the round
 tests) that failed before the fix. vLLM itself cannot run here (CUDA-only wheel); the stand-in copies the
 behaviour of vLLM 0.33.0's server read from its source.
 """

@@ -30,7 +30,7 @@ def test_arms_share_every_knob_but_the_data() -> None:
     arms = arm_params(params)
     assert arms["seeds_only"].rounds == [] and arms["seeds_and_rounds"].rounds == [1, 2]
     for arm in arms.values():
-        assert arm.include_seeds and not arm.dry_run and arm.store_url == "/s"
+        assert arm.include_seeds and not arm.dry_run and arm.store_url == "/s" and arm.purpose == "compare"
     drop = {"rounds"}
     assert arms["seeds_only"].model_dump(exclude=drop) == arms["seeds_and_rounds"].model_dump(exclude=drop)
     evaluation = evaluate_params(params, "ft-1")
@@ -135,6 +135,7 @@ def test_comparison_table() -> None:
 def test_compare_flow_on_cpu(prefect_server: None, tmp_path: Path, fake_openai: Any) -> None:
     from flows.compare import compare
     from tasks.resources.store.rounds import Store
+    from tasks.training.registry import read_finetune_manifest
     from tests.support.round_builder import commit_round
 
     store = Store(str(tmp_path / "store"))
@@ -195,3 +196,5 @@ def test_compare_flow_on_cpu(prefect_server: None, tmp_path: Path, fake_openai: 
     assert [d.metric for d in result.differences] == ["rouge_l_f", "judged_acceptable_share"]
     assert result.differences[1].value == 0.0
     assert store.exists(f"evaluations/{result.comparison_id}/comparison.json")
+    # Both arms are marked as compare arms, so the evaluate deployment's trigger leaves them to this flow.
+    assert {read_finetune_manifest(store, f).params.purpose for f in result.finetunes.values()} == {"compare"}

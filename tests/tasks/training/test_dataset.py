@@ -9,11 +9,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from schemas import BootstrapConfig, RoundManifest
-from selfinstruct.cli_train import register
+from selfinstruct.cli import app
 from tasks.round.seeds import DEFAULT_SEEDS
 from tasks.training.card import Lineage, RoundLineage, read_lineage, render_card
 from tasks.training.dataset import (
@@ -23,7 +22,8 @@ from tasks.training.dataset import (
     build_splits,
     fingerprint_of_folder,
 )
-from tasks.training.export import ExportError, load_templates
+from tasks.training.export import ExportError
+from tasks.training.templates import load_templates
 from tests.support.factories import two_round_store, write_seed_file
 
 
@@ -217,8 +217,6 @@ def test_folder_targets(tmp_path: Path) -> None:
 
 
 def test_export_to_folder_cli(tmp_path: Path) -> None:
-    app = typer.Typer()
-    register(app)
     store = two_round_store(tmp_path / "store")
     runner = CliRunner()
     result = runner.invoke(app, ["export", "--to", str(tmp_path / "ds"), "--store", store.url])

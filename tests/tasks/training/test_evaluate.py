@@ -1,4 +1,4 @@
-"""Held-out evaluation: prompts, answer quality, ROUGE-L, and a real base-vs-adapter run on CPU."""
+"""Held-out evaluation: answer quality, ROUGE-L, intervals, the judge, a real base-vs-adapter run on CPU."""
 
 import json
 from datetime import UTC, datetime
@@ -10,26 +10,19 @@ import pytest
 from schemas.training import EvaluateParams, EvaluationResult, FinetuneMetrics, FinetuneParams
 from tasks.publish.progress import ProgressUpdate, showing
 from tasks.resources.store.rounds import Store
+from tasks.training.answers import load_heldout
+from tasks.training.data import DataSummary, upload_training_data
 from tasks.training.evaluate import (
-    DEFAULT_HELDOUT,
     answer_quality,
-    build_prompts,
     comparison_key,
     evaluate_finetune,
-    load_heldout,
     resolve_finetune_task,
     rouge_l_f,
     summarize,
 )
-from tasks.training.finetune import (
-    DataSummary,
-    FinetuneError,
-    TrainedAdapter,
-    load_base_model,
-    new_finetune_id,
-    upload_training_data,
-    write_manifest,
-)
+from tasks.training.models import FinetuneError, load_base_model
+from tasks.training.registry import new_finetune_id, write_manifest
+from tasks.training.train import TrainedAdapter
 from tests.support.factories import HELDOUT, two_round_store, write_heldout
 
 
@@ -57,20 +50,6 @@ def test_rouge_l_f_is_rouge_scores() -> None:
     assert scores[2] == 0.0
     summary = summarize(scores, ["ok", "ok", "empty", "ok"])
     assert summary.rouge_l_f == pytest.approx(0.625) and summary.empty_share == 0.25 and summary.tasks == 4
-
-
-def test_shipped_heldout_file_loads() -> None:
-    tasks, sha256 = load_heldout(DEFAULT_HELDOUT)
-    assert len(tasks) >= 100 and all(len(t.instances) == 1 for t in tasks) and len(sha256) == 64
-    assert [t.id for t in load_heldout(DEFAULT_HELDOUT, limit=3)[0]] == [t.id for t in tasks[:3]]
-
-
-def test_prompts_use_the_finetuning_template(tmp_path: Path) -> None:
-    tasks, _ = load_heldout(write_heldout(tmp_path / "heldout.jsonl"))
-    prompts = build_prompts(tasks, "template", "task_input_output")
-    assert prompts[0].prompt == "Task: Is the number positive or negative?\nInput: -12\nOutput:\n"
-    assert prompts[2].prompt == "Task: Name the largest planet in the solar system.\nOutput:\n"
-    assert [p.reference for p in prompts] == ["negative", "swam", "Jupiter", "QUIET"]
 
 
 def test_comparison_key_covers_settings_not_the_finetune() -> None:
@@ -174,6 +153,8 @@ def test_evaluation_refuses_dry_runs_and_unknown_fine_tunes(tmp_path: Path) -> N
         resolve_finetune_task.fn(EvaluateParams(store_url=store.url))
     with pytest.raises(FinetuneError, match="is a dry run"):
         evaluate_finetune(store, dry_id, EvaluateParams(store_url=store.url))
+    with pytest.raises(FinetuneError, match="is a dry run"):
+        resolve_finetune_task.fn(EvaluateParams(store_url=store.url, finetune_id=dry_id))
     with pytest.raises(FinetuneError, match="no finished fine-tune 'ft-x'"):
         resolve_finetune_task.fn(EvaluateParams(store_url=store.url, finetune_id="ft-x"))
 
