@@ -259,7 +259,7 @@ def test_s3_frozen_during_the_manifest_write(
 # manifest write, "committed" just after it.
 KILLER = r"""
 import os, signal, sys
-import tasks.round.steps, tasks.resources.store
+import tasks.round.records, tasks.resources.store
 
 point, _, k = os.environ["RELIABILITY_KILL_AT"].partition(":")
 k = int(k or 0)
@@ -278,7 +278,7 @@ if point in ("instruction", "classify", "instance"):
             die()
     tasks.resources.store.StoreCompletionCache.put_many = counted_put
 elif point == "dedup":
-    tasks.round.steps.deduplicate = die
+    tasks.round.records.deduplicate = die
 elif point == "commit":
     write_table = tasks.resources.store.Store.write_table
     def counted_write(self, *args, **kwargs):

@@ -20,7 +20,7 @@ reproduces `rouge_score`'s decisions bit for bit, far faster:
 * Candidates kept earlier in the same call are scored like one more block, chunk by chunk; only the maxima
   within a chunk are walked one candidate at a time.
 
-Only the pure functions live here; the Prefect task that calls `deduplicate` lives in `tasks.round.steps`.
+Only the pure functions live here; `tasks.round.records` joins its decisions into records.
 """
 
 import hashlib
