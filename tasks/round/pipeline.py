@@ -133,10 +133,12 @@ class _Stage:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def enqueue(self, items: list[tuple[Any, CompletionRequest]]) -> None:
+        """Queue requests for the stage's next chunks."""
         self.queue.extend(items)
         self.total += len(items)
 
     def take(self, count: int) -> list[tuple[Any, CompletionRequest]]:
+        """The next `count` queued requests, in queue order."""
         return [self.queue.popleft() for _ in range(count)]
 
     def chunk_progress(self, chunk: int) -> ProgressCallback:
@@ -150,6 +152,7 @@ class _Stage:
         return record
 
     def report(self) -> None:
+        """Show the stage's progress (requests done of those queued so far, tokens generated)."""
         with self._lock:
             done = sum(d for d, _ in self._progress.values())
             tokens = sum(t for _, t in self._progress.values())
@@ -167,13 +170,11 @@ class _Pipeline:
         generation: Generation,
         plans: list[PromptPlan],
     ) -> None:
-        self.ctx, self.config, self.settings, self.generation, self.plans = (
-            ctx,
-            config,
-            settings,
-            generation,
-            plans,
-        )
+        self.ctx = ctx
+        self.config = config
+        self.settings = settings
+        self.generation = generation
+        self.plans = plans
         self.llm = generation.settings.model_copy(update={"model": generation.model})
         batches_per_chunk = max(1, self.llm.llm_concurrency // 4)
         self.batch = self.llm.llm_batch_size
