@@ -6,34 +6,21 @@ from contextlib import nullcontext
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from schemas import CompletionRecord, RoundParams, SamplingParams
+from schemas import RoundParams
 from tasks.publish.artifacts import ProgressArtifact, name_flow_run, publish_round
 from tasks.publish.events import emit_data_ready_if_due
-from tasks.publish.progress import ProgressUpdate, generation_hook, report
 from tasks.publish.report import publish_report
-from tasks.resources.llm import CompletionRequest, generate_in_tasks
 from tasks.resources.llm.sizing import size_for_servers_task
 from tasks.resources.redact import redact_url
 from tasks.resources.secrets import run_settings
+from tasks.resources.servers.endpoints import llm_endpoints
 from tasks.resources.store.claims import end_run_claims
 from tasks.resources.store.completions import StoreCompletionCache
 from tasks.resources.store.rounds import Store
 from tasks.resources.store.slot import round_slot
-from tasks.round.steps import (
-    RoundResult,
-    apply_classification,
-    classify_requests,
-    collect_candidates_task,
-    collect_instances_task,
-    dedup_candidates_task,
-    instance_requests,
-    instruction_requests,
-    llm_endpoints,
-    open_round,
-    parsed_count,
-    plan_instruction_prompts_task,
-    write_round_task,
-)
+from tasks.round.pipeline import run_pipelined
+from tasks.round.stages import Generation, run_staged
+from tasks.round.steps import open_round, write_round_task
 
 
 def _end_claims(flow: object, flow_run: object, state: object) -> None:
@@ -69,70 +56,21 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
             "round %d of %s: pool of %d instructions", ctx.number, redact_url(store_url), ctx.pool_size_before
         )
         store = Store(store_url, settings)
-        cache = StoreCompletionCache(store, ctx.number)
         progress = ProgressArtifact(f"Round {ctx.number} generation")
 
         with llm_endpoints(params.llm_urls, settings) as urls:
-            llm_settings = size_for_servers_task(settings, urls)
-
-            def complete(
-                requests: list[CompletionRequest], sampling: SamplingParams, stage: str
-            ) -> list[CompletionRecord]:
-                return generate_in_tasks(
-                    requests,
-                    sampling,
-                    llm_settings,
-                    urls,
-                    cache,
-                    on_progress=generation_hook(f"round {ctx.number} {stage}", progress.callback(stage)),
-                    model=ctx.model,
-                    stage=stage,
-                )
-
-            plans = plan_instruction_prompts_task(ctx, config, settings)
-            new = complete(
-                instruction_requests(plans, config, ctx.number), config.instruction_sampling, "instructions"
-            )
-            candidates, filtered = collect_candidates_task(plans, new, config, ctx.number)
-            dedup = dedup_candidates_task(candidates, ctx, config, settings)
-            report(ProgressUpdate(f"round {ctx.number} instructions", note=f"kept {len(dedup.accepted)}"))
-            answers = complete(
-                classify_requests(dedup.accepted, config, ctx.number),
-                config.classify_sampling,
-                "classification",
-            )
-            classified, unanswered = apply_classification(dedup.accepted, answers, ctx.number)
-            outputs = complete(
-                instance_requests(classified, config, ctx.number), config.instance_sampling, "instances"
-            )
-        instructions, instances, unusable = collect_instances_task(classified, outputs, config, ctx.number)
-        report(
-            ProgressUpdate(
-                f"round {ctx.number} instances",
-                note=f"kept {len(instructions)} instructions, {len(instances)} instances",
-            )
-        )
-
-        manifest = write_round_task(
-            ctx,
-            RoundResult(
-                number=ctx.number,
-                run_id=run_id,
+            generation = Generation(
+                settings=size_for_servers_task(settings, urls),
+                urls=urls,
+                cache=StoreCompletionCache(store, ctx.number),
                 model=ctx.model,
-                seeds_sha256=ctx.seeds_sha256,
-                pool_size_before=ctx.pool_size_before,
-                prompts=len(plans),
-                candidates_parsed=parsed_count(candidates, filtered),
-                instructions=instructions,
-                instances=instances,
-                rejected=filtered + dedup.rejected + unanswered + unusable,
-                completions=new + answers + outputs,
-            ),
-            dedup.delta,
-            config,
-            settings,
-        )
-        publish_round(store, manifest, instructions, instances)
+                artifact=progress,
+            )
+            run_stages = run_pipelined if config.pipelined else run_staged
+            outputs = run_stages(ctx, config, settings, generation)
+
+        manifest = write_round_task(ctx, outputs.result(ctx), outputs.delta, config, settings)
+        publish_round(store, manifest, outputs.instructions, outputs.instances)
         # The event goes out before the report, so a plotting error cannot hold back a fine-tune.
         emit_data_ready_if_due(store, params.data_ready_threshold)
         publish_report(store, manifest.round, settings.report_url)

@@ -119,6 +119,13 @@ class BootstrapConfig(BaseModel):
         "id; 'latest' = the store's newest trained fine-tune) instead of the base model.",
     )
 
+    pipelined: bool = Field(
+        default=True,
+        description="Overlap the LLM stages: dedup, classification and instance generation start on the "
+        "first instruction chunks while later ones still generate. False runs each stage over all prompts "
+        "before the next (for comparison); both commit the same round.",
+    )
+
     @model_validator(mode="after")
     def _fields_agree(self) -> Self:
         """Knobs that are valid alone but cannot work together (each would commit empty or odd rounds)."""

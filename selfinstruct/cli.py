@@ -152,7 +152,7 @@ def run(
     from selfinstruct.progress import terminal_progress
     from tasks.publish.progress import ProgressUpdate, report
     from tasks.resources.redact import redact_url
-    from tasks.round.steps import llm_endpoints
+    from tasks.resources.servers.endpoints import llm_endpoints
 
     summaries = []
     with llm_endpoints(list(llm_url or []), settings) as urls, terminal_progress(console):

@@ -328,7 +328,7 @@ def run_audit(store: Store, params: AuditParams, settings: Settings, urls: list[
 def audit_task(params: AuditParams) -> AuditManifest:
     """Judge a sample of a committed round and store the audit beside it (the judge server given, or
     Settings', or an embedded one started for the duration)."""
-    from tasks.round.steps import llm_endpoints
+    from tasks.resources.servers.endpoints import llm_endpoints
 
     logger = get_run_logger()
     settings = Settings()

@@ -323,7 +323,7 @@ def evaluate_task(params: EvaluateParams, finetune_id: str) -> EvaluationResult:
     from functools import partial
 
     from tasks.quality.judge import RATING_SAMPLING, judge_completions
-    from tasks.round.steps import llm_endpoints
+    from tasks.resources.servers.endpoints import llm_endpoints
 
     logger = get_run_logger()
     settings = run_settings()

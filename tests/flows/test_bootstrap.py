@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams
+from selfinstruct.cli import app
 from tasks.resources.store.rounds import Store
 
 pytestmark = pytest.mark.slow
@@ -51,6 +53,9 @@ def test_two_rounds_on_the_embedded_model(prefect_server: None, embedded_llm: st
         assert store.file_checksum(1, name) == entry.sha256
     requests = store.read_table(1, "requests")
     assert set(requests.column("stage").to_pylist()) >= {"instruction", "classify", "instance"}
+    assert manifest.config.pipelined  # the default: the stages overlapped
+    verified = CliRunner().invoke(app, ["verify", "--store", store_url])
+    assert verified.exit_code == 0, verified.output
 
     second = bootstrap_round(params)
     assert second["round"] == 2

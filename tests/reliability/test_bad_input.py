@@ -21,8 +21,8 @@ from selfinstruct.cli import app
 from tasks.round.classify import parse_classification
 from tasks.round.generate import parse_instructions
 from tasks.round.instances import parse_instances
+from tasks.round.records import PromptPlan, collect_candidates, collect_instances
 from tasks.round.seeds import DEFAULT_SEEDS
-from tasks.round.steps import PromptPlan, collect_candidates, collect_instances
 from tests.support import factories
 from tests.support.fake_openai import FakeOpenAI, FaultConfig
 from tests.support.model_like import ModelLikeFake

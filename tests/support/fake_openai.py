@@ -1,8 +1,8 @@
 """A real HTTP server on loopback speaking OpenAI's /v1/completions, with latency and fault injection.
 
-It exists for what a real LLM server cannot do on demand: answer in a fixed time, and fail in a chosen way
-at a chosen moment. Completions are deterministic: a numbered list that echoes the end of the prompt, so tests
-can tell which prompt a choice belongs to.
+It exists for what a real LLM server cannot do on demand: answer in a fixed (or randomly drawn) time, and fail
+in a chosen way at a chosen moment. Completions are deterministic: a numbered list that echoes the end of the
+prompt, so tests can tell which prompt a choice belongs to.
 
 Use it in-process (`with FakeOpenAI(latency_s=0.5) as fake: fake.url`), or as its own process so that it
 does not share the GIL with the client under test (`python -m tests.support.fake_openai --latency 0.5`, which
@@ -164,6 +164,7 @@ class FakeOpenAI:
         latency_s: float = 0.0,
         faults: FaultConfig | None = None,
         *,
+        jitter_s: float = 0.0,
         models: tuple[str, ...] | None = None,
         api_key: str | None = None,
         shuffle_choices: bool = False,
@@ -177,6 +178,9 @@ class FakeOpenAI:
 
         Args:
             latency_s: Fixed delay before every answer.
+            jitter_s: Up to this much more delay, drawn per request (seeded by `rng_seed`), so that
+                concurrent requests are answered out of order; it draws from its own generator, so the
+                fault and shuffle draws stay those of the same `rng_seed` without jitter.
             faults: Fault injection; None for a well-behaved server.
             models: Model names the server knows (others get vLLM's 404); None accepts any.
             api_key: Bearer token required on every request; None requires none.
@@ -192,6 +196,8 @@ class FakeOpenAI:
         if vllm is not None and (shuffle_choices or per_choice_usage):
             raise ValueError("vLLM answers choices in prompt order with one request-level usage")
         self.latency_s = latency_s
+        self.jitter_s = jitter_s
+        self._jitter_rng = random.Random(rng_seed)
         self.faults = faults or FaultConfig()
         self.models = models
         self.context_length = context_length
@@ -486,8 +492,9 @@ class FakeOpenAI:
         fault = self.faults.draw(self._rng)
         if fault is not None:
             self.faults_injected[fault] += 1
-        if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+        delay = self.latency_s + (self._jitter_rng.uniform(0.0, self.jitter_s) if self.jitter_s else 0.0)
+        if delay:
+            await asyncio.sleep(delay)
         if fault == "hang":
             await asyncio.sleep(self.faults.hang_s)
         if fault == "close":

@@ -16,8 +16,8 @@ from schemas import (
     SeedTask,
 )
 from tasks.resources.store.rounds import Store
+from tasks.round.commit import RoundResult, write_round
 from tasks.round.pool import IndexDelta, load_pool
-from tasks.round.steps import RoundResult, write_round
 
 SEEDS = [
     SeedTask(

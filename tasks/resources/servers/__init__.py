@@ -1,2 +1,2 @@
-"""LLM servers this project starts: llama.cpp embedded on CPU (`embedded`), vLLM on GPU (`vllm`), and the
-GGUF files the embedded one loads (`models`)."""
+"""LLM servers this project starts: llama.cpp embedded on CPU (`embedded`), vLLM on GPU (`vllm`), the GGUF
+files the embedded one loads (`models`); and which servers a command generates with (`endpoints`)."""

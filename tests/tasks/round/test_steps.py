@@ -7,21 +7,18 @@ from prefect.cache_policies import NO_CACHE
 from schemas import BootstrapConfig, Settings
 from tasks.resources.store.rounds import Store
 from tasks.round import steps
+from tasks.round.commit import RoundResult, round_counts
 from tasks.round.pool import load_pool
-from tasks.round.seeds import load_seeds
-from tasks.round.steps import (
+from tasks.round.records import (
     Candidate,
     PromptPlan,
-    RoundResult,
     collect_candidates,
     collect_instances,
     dedup_candidates,
-    dedup_candidates_task,
-    open_round,
     plan_instruction_prompts,
-    round_counts,
-    write_round_task,
 )
+from tasks.round.seeds import load_seeds
+from tasks.round.steps import dedup_candidates_task, open_round, write_round_task
 from tests.support import factories
 
 CONFIG = BootstrapConfig(prompts_per_round=3)

@@ -1,0 +1,102 @@
+"""Committing a round: its counts, and its Parquet files written before the manifest that makes it exist."""
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from schemas import (
+    BootstrapConfig,
+    CompletionRecord,
+    InstanceRecord,
+    InstructionRecord,
+    RejectionRecord,
+    RoundManifest,
+)
+from tasks.resources.store.records import records_to_table
+from tasks.resources.store.rounds import Store
+from tasks.round.pool import INDEX_FILE, VOCAB_FILE, IndexDelta
+
+
+def round_counts(
+    prompts: int,
+    candidates_parsed: int,
+    instructions: list[InstructionRecord],
+    instances: list[InstanceRecord],
+    rejected: list[RejectionRecord],
+) -> dict[str, int]:
+    """The counts a round reports everywhere (manifest, artifacts, CLI), derived from its records."""
+    counts: dict[str, int] = {
+        "prompts": prompts,
+        "generated": candidates_parsed,
+        "kept": len(instructions),
+        "classification": sum(1 for r in instructions if r.is_classification),
+        "instances": len(instances),
+    }
+    by_reason = Counter(f"rejected:{r.stage}:{r.reason}" for r in rejected)
+    counts.update(sorted(by_reason.items()))
+    return counts
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """Everything a round commits."""
+
+    number: int
+    run_id: str
+    model: str
+    seeds_sha256: str
+    pool_size_before: int
+    prompts: int
+    candidates_parsed: int
+    instructions: list[InstructionRecord]
+    instances: list[InstanceRecord]
+    rejected: list[RejectionRecord]
+    completions: list[CompletionRecord]
+
+
+def write_round(
+    store: Store, result: RoundResult, delta: IndexDelta, config: BootstrapConfig
+) -> RoundManifest:
+    """Write the round's files, then its manifest last.
+
+    Args:
+        store: The round store; the run holds the claim of `result.number`.
+        result: The round's records and counts.
+        delta: What dedup added to the pool index; only the finally accepted instructions are written.
+        config: The round's config, recorded in the manifest.
+
+    Returns:
+        The committed manifest.
+    """
+    number = result.number
+    entries, vocab = delta.kept(r.id for r in result.instructions)
+    files = {
+        f"{name}.parquet": store.write_table(number, name, records_to_table(records, name))
+        for name, records in (
+            ("instructions", result.instructions),
+            ("instances", result.instances),
+            ("rejected", result.rejected),
+            ("requests", result.completions),
+        )
+    }
+    files.update(
+        {
+            f"{INDEX_FILE}.parquet": store.write_table(number, INDEX_FILE, entries),
+            f"{VOCAB_FILE}.parquet": store.write_table(number, VOCAB_FILE, vocab),
+        }
+    )
+    manifest = RoundManifest(
+        round=number,
+        run_id=result.run_id,
+        created_at=datetime.now(UTC),
+        model=result.model,
+        seeds_sha256=result.seeds_sha256,
+        pool_size_before=result.pool_size_before,
+        counts=round_counts(
+            result.prompts, result.candidates_parsed, result.instructions, result.instances, result.rejected
+        ),
+        config=config,
+        files=files,
+    )
+    store.commit(manifest)
+    return manifest
