@@ -79,7 +79,7 @@ def _task_run_names(flow_run_id: UUID, expected: set[str]) -> set[str]:
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=1000
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
             )
             names = {str(run.name) for run in runs}
             if all(any(n.startswith(e) for n in names) for e in expected) or time.monotonic() > deadline:
