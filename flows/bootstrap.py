@@ -11,7 +11,8 @@ from tasks.publish.artifacts import ProgressArtifact, name_flow_run, publish_rou
 from tasks.publish.events import emit_data_ready_if_due, round_slot
 from tasks.publish.progress import ProgressUpdate, generation_hook, report
 from tasks.publish.report import publish_report
-from tasks.resources.llm import CompletionRequest, generate_in_tasks
+from tasks.resources.llm.batch import CompletionRequest
+from tasks.resources.llm.chunks import generate_in_tasks
 from tasks.resources.llm.sizing import size_for_servers_task
 from tasks.resources.redact import redact_url
 from tasks.resources.secrets import run_settings

@@ -48,7 +48,8 @@ def check_llm_servers(
     import asyncio
     from urllib.parse import urlsplit
 
-    from tasks.resources.llm import LLMError, OpenAICompletionClient, check_base_url
+    from tasks.resources.llm.client import OpenAICompletionClient, check_base_url
+    from tasks.resources.llm.protocol import LLMError
     from tasks.resources.redact import redact_url
 
     try:

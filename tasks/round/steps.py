@@ -25,7 +25,8 @@ from schemas import (
     SimilarInstruction,
 )
 from schemas.records import Stage
-from tasks.resources.llm import REFUSAL_REASONS, CompletionRequest
+from tasks.resources.llm.batch import CompletionRequest
+from tasks.resources.llm.protocol import REFUSAL_REASONS
 from tasks.resources.servers.embedded import EmbeddedServer
 from tasks.resources.store import Store, records_to_table
 from tasks.round.classify import build_classify_prompt, parse_classification

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
-from tasks.resources.llm import LLMError, OpenAICompletionClient
+from tasks.resources.llm.client import OpenAICompletionClient
+from tasks.resources.llm.protocol import LLMError
 from tasks.resources.redact import redact_url
 from tasks.resources.store import Store, StoreError, records_to_table
 from tests.support.checks import assert_store_sound

@@ -1,4 +1,5 @@
-"""tasks.resources.llm against the real embedded llama.cpp server, and the fake for faults on demand."""
+"""tasks.resources.llm (protocol, cache, client, batch, chunks) against the real embedded llama.cpp server,
+and the fake for faults on demand."""
 
 from __future__ import annotations
 
@@ -15,15 +16,11 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
-from tasks.resources.llm import (
-    CompletionRequest,
-    LLMError,
-    OpenAICompletionClient,
-    completion_key,
-    generate,
-    generate_chunk,
-    generate_in_tasks,
-)
+from tasks.resources.llm.batch import CompletionRequest, generate
+from tasks.resources.llm.cache import completion_key
+from tasks.resources.llm.chunks import generate_chunk, generate_in_tasks
+from tasks.resources.llm.client import OpenAICompletionClient
+from tasks.resources.llm.protocol import LLMError
 from tests.support.fake_openai import FakeOpenAI, FaultConfig, fake_completion
 
 T = TypeVar("T")

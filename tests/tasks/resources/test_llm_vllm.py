@@ -19,14 +19,10 @@ from pydantic import ValidationError
 
 from schemas import BootstrapConfig, CompletionRecord, SamplingParams, Settings
 from selfinstruct.cli import check_llm_servers
-from tasks.resources.llm import (
-    CompletionRequest,
-    LLMError,
-    OpenAICompletionClient,
-    completion_key,
-    generate,
-    rejection_reason,
-)
+from tasks.resources.llm.batch import CompletionRequest, generate
+from tasks.resources.llm.cache import completion_key
+from tasks.resources.llm.client import OpenAICompletionClient
+from tasks.resources.llm.protocol import LLMError, rejection_reason
 from tasks.resources.llm.sizing import parse_vllm_metrics, plan_throughput, size_for_servers
 from tests.support.fake_openai import VLLM_SAMPLING_DEFAULTS, FakeOpenAI, FaultConfig, VLLMMode, words
 

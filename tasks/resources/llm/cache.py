@@ -1,0 +1,48 @@
+"""What identifies a finished completion for caching: its key, and the protocol of a completion cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Protocol
+
+from schemas import CompletionRecord, SamplingParams
+
+# Bump when the meaning of a cached completion changes (e.g. what the request body carries).
+# 2: top_k, min_p and repetition_penalty are sent with every request.
+_KEY_VERSION = 2
+
+
+class CompletionCache(Protocol):
+    """Where finished completions are kept so that a rerun sends only what is missing."""
+
+    def get_many(self, keys: list[str]) -> dict[str, CompletionRecord]:
+        """Return the records found for `keys` (missing keys are absent from the result)."""
+        ...
+
+    def put_many(self, records: list[CompletionRecord]) -> None:
+        """Store records; called from the event loop as soon as each HTTP batch returns, so keep it quick."""
+        ...
+
+
+def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | None) -> str:
+    """Cache key of a completion: sha256 hex of a canonical JSON of everything that determines it.
+
+    Args:
+        model: Model name sent to the server.
+        prompt: Prompt text.
+        params: Decoding parameters.
+        seed: Sampling seed, or None.
+
+    Returns:
+        64 lowercase hex characters; equal inputs give equal keys across processes and Python versions.
+    """
+    payload = {
+        "v": _KEY_VERSION,
+        "model": model,
+        "prompt": prompt,
+        "params": params.model_dump(mode="json"),
+        "seed": seed,
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
