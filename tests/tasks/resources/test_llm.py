@@ -8,6 +8,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -21,6 +22,7 @@ from tasks.resources.llm.cache import completion_key
 from tasks.resources.llm.chunks import generate_chunk, generate_in_tasks
 from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.resources.llm.protocol import LLMError
+from tasks.resources.servers.embedded import EmbeddedServer
 from tests.support.fake_openai import FakeOpenAI, FaultConfig, fake_completion
 
 T = TypeVar("T")
@@ -120,6 +122,28 @@ def test_list_of_prompts_on_the_real_server_comes_back_in_order(embedded_llm: st
     assert all(r.prompt_tokens > 0 for r in batch)
     assert sum(r.completion_tokens for r in batch) > 0
     assert all(r.finish_reason in ("stop", "length") for r in batch)
+
+
+def test_real_server_request_records_its_times_and_cached_prompt_tokens(tmp_path: Path) -> None:
+    """On one slot, the second of two identical prompts finds the first's tokens in the prompt cache."""
+    prompt = "Write a short list of three everyday tasks that a helpful assistant could do for a student:\n1."
+
+    async def scenario(url: str) -> list[CompletionRecord]:
+        client = OpenAICompletionClient([url], "smollm2-135m-instruct")
+        try:
+            return [(await client.complete([prompt], GREEDY_SHORT, 7, "instruction"))[0] for _ in range(2)]
+        finally:
+            await client.aclose()
+
+    with EmbeddedServer(parallel=1, ctx_per_slot=512, cache_dir=tmp_path) as server:
+        first, second = run(scenario(server.url))
+    for record in (first, second):
+        assert record.sent_at is not None and record.received_at is not None
+        assert record.sent_at <= record.received_at
+    assert first.received_at is not None and second.sent_at is not None
+    assert first.received_at <= second.sent_at
+    assert second.cached_prompt_tokens is not None and second.cached_prompt_tokens > 0
+    assert second.cached_prompt_tokens <= second.prompt_tokens
 
 
 def test_real_server_rejection_fails_fast_with_its_message(embedded_llm: str) -> None:
