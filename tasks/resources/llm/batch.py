@@ -14,7 +14,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas import CompletionRecord, SamplingParams
 from schemas.records import Stage
@@ -25,6 +25,8 @@ from tasks.resources.llm.protocol import LLMError, rejection_reason
 # on_progress(done, total, tokens): requests done of total, and completion tokens the server has generated so
 # far in this call (cached completions count as done but add no tokens, so tokens/s stays a real rate).
 ProgressCallback = Callable[[int, int, int], None]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ async def generate(
     """
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch_size and concurrency must be at least 1")
-    keys = [completion_key(client.model, r.prompt, params, r.seed) for r in requests]
+    keys = [completion_key(client.model, r.prompt, params, r.seed, api=client.api) for r in requests]
     multiplicity: dict[str, int] = {}
     for k in keys:
         multiplicity[k] = multiplicity.get(k, 0) + 1
@@ -131,7 +133,7 @@ async def generate(
             if on_progress is not None:
                 on_progress(done, total, tokens)
 
-    await _run_all([worker() for _ in range(min(concurrency, len(batches)))])
+    await _all_or_cancel([worker() for _ in range(min(concurrency, len(batches)))])
 
     out = []
     for k, r in zip(keys, requests, strict=True):
@@ -148,24 +150,35 @@ async def complete_isolating(
     vLLM refuses a whole request when one of its prompts does not fit the context. The batch is then sent
     again one prompt per request; a prompt still refused comes back as a record with `rejected` set to the
     reason (`prompt_too_long`, or `rejected_by_server` for a 400 of unknown cause), and the others complete.
+    With the chat api every prompt is its own request from the start, all of the batch's at once.
 
     Raises:
         LLMError: Any other failure; or a 400 that every prompt of the batch gets alone without a reason that
             blames the prompt (a request-wide refusal, such as too many stop strings).
     """
-    try:
-        return await client.complete(prompts, params, seed, stage)
-    except LLMError as error:
-        if error.status != 400:
-            raise
-        batch_error = error
-    if len(prompts) == 1:
-        outcomes: list[list[CompletionRecord] | LLMError] = [batch_error]
+    outcomes: list[list[CompletionRecord] | LLMError]
+    if client.api == "chat":
+        # A chat request carries one conversation: the batch goes out as one request per prompt.
+        limit = asyncio.Semaphore(len(prompts))
+        alone = [_complete_alone(client, p, params, seed, stage, limit) for p in prompts]
+        outcomes = await _all_or_cancel(alone)
+        batch_error = next((o for o in outcomes if isinstance(o, LLMError)), None)
+        if batch_error is None:
+            return [r for o in outcomes if not isinstance(o, LLMError) for r in o]
     else:
-        limit = asyncio.Semaphore(_ALONE_IN_FLIGHT)
-        outcomes = list(
-            await asyncio.gather(*(_complete_alone(client, p, params, seed, stage, limit) for p in prompts))
-        )
+        try:
+            return await client.complete(prompts, params, seed, stage)
+        except LLMError as error:
+            if error.status != 400:
+                raise
+            batch_error = error
+        if len(prompts) == 1:
+            outcomes = [batch_error]
+        else:
+            limit = asyncio.Semaphore(_ALONE_IN_FLIGHT)
+            outcomes = await _all_or_cancel(
+                [_complete_alone(client, p, params, seed, stage, limit) for p in prompts]
+            )
     refused = [o for o in outcomes if isinstance(o, LLMError)]
     if len(refused) == len(prompts) and not any(rejection_reason(str(e)) for e in refused):
         raise batch_error
@@ -197,11 +210,12 @@ async def _complete_alone(
         return error
 
 
-async def _run_all(coros: list[Coroutine[Any, Any, None]]) -> None:
-    """Await all; on the first failure cancel the rest and raise that failure itself (not a group)."""
+async def _all_or_cancel(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Await all and return their results in order; on the first failure cancel the rest and raise that
+    failure itself (not a group)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     except BaseException:
         for t in tasks:
             t.cancel()

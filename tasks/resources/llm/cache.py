@@ -7,10 +7,13 @@ import json
 from typing import Protocol
 
 from schemas import CompletionRecord, SamplingParams
+from schemas.settings import LLMApi
 
 # Bump when the meaning of a cached completion changes (e.g. what the request body carries).
 # 2: top_k, min_p and repetition_penalty are sent with every request.
-_KEY_VERSION = 2
+# 3: the api (completions or chat) is part of the key: a chat model's answer to a prompt as a user message is
+#    not its continuation of the same text. (Every completion cached under version 2 is sent again.)
+_KEY_VERSION = 3
 
 
 class CompletionCache(Protocol):
@@ -25,7 +28,7 @@ class CompletionCache(Protocol):
         ...
 
 
-def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | None) -> str:
+def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | None, *, api: LLMApi) -> str:
     """Cache key of a completion: sha256 hex of a canonical JSON of everything that determines it.
 
     Args:
@@ -33,6 +36,7 @@ def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | 
         prompt: Prompt text.
         params: Decoding parameters.
         seed: Sampling seed, or None.
+        api: The endpoint that completes it ("completions" or "chat").
 
     Returns:
         64 lowercase hex characters; equal inputs give equal keys across processes and Python versions.
@@ -43,6 +47,7 @@ def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | 
         "prompt": prompt,
         "params": params.model_dump(mode="json"),
         "seed": seed,
+        "api": api,
     }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

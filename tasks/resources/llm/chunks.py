@@ -40,17 +40,18 @@ class GenerationSession:
         """Start the loop and create the client in it.
 
         Args:
-            settings: Client settings; `llm_concurrency` becomes the client's global in-flight cap.
+            settings: Client settings; `llm_concurrency` batches become the client's global in-flight cap.
             base_urls: The servers.
         """
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="llm-session", daemon=True)
         self._thread.start()
 
+        # The cap counts HTTP requests: a chat batch is one request per prompt, so it counts its prompts.
+        cap = settings.llm_concurrency * (settings.llm_batch_size if settings.llm_api == "chat" else 1)
+
         async def make() -> OpenAICompletionClient:
-            return OpenAICompletionClient.from_settings(
-                settings, base_urls, max_in_flight=settings.llm_concurrency
-            )
+            return OpenAICompletionClient.from_settings(settings, base_urls, max_in_flight=cap)
 
         self.client = self.run(make())
 

@@ -21,19 +21,22 @@ from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
 from schemas.records import Stage
+from schemas.settings import LLMApi
 from tasks.resources.llm.cache import completion_key
 from tasks.resources.llm.protocol import (
+    ENDPOINTS,
     MAX_ERROR_CHARS,
     RETRY_STATUSES,
     LLMError,
     TransientError,
-    completion_body,
+    choice_text,
     context_length,
     encodable,
     error_text,
     is_transient,
     match_choices,
     models_answer,
+    request_body,
     retry_after,
     served_models_hint,
     token_counts,
@@ -76,10 +79,11 @@ def check_base_url(url: str) -> str:
 
 
 class OpenAICompletionClient:
-    """Async client for the legacy /v1/completions endpoint of one or more OpenAI-compatible servers.
+    """Async client for the /v1/completions (or /v1/chat/completions) endpoint of OpenAI-compatible servers.
 
-    One `complete` call is one HTTP request carrying a list of prompts, sent to the base URL with the fewest
-    requests in flight, and retried with exponential backoff and jitter on transient faults.
+    One `complete` call is one HTTP request carrying a list of prompts (one prompt with the chat api), sent to
+    the base URL with the fewest requests in flight, and retried with exponential backoff and jitter on
+    transient faults.
     """
 
     def __init__(
@@ -94,6 +98,7 @@ class OpenAICompletionClient:
         max_in_flight: int | None = None,
         max_backoff_s: float = 30.0,
         token_ids: bool = False,
+        api: LLMApi = "completions",
     ) -> None:
         """Create the client; no connection is made until the first request.
 
@@ -110,6 +115,8 @@ class OpenAICompletionClient:
             max_backoff_s: Longest wait between two attempts, also the cap on a server's Retry-After.
             token_ids: Ask for the token ids of every prompt and completion (vLLM's `return_token_ids`), so
                 that each record carries exact token counts instead of a share of the request's usage.
+            api: "completions" sends a list of prompts per request to /completions; "chat" sends each prompt
+                alone to /chat/completions as one user message (a chat request is one conversation).
         """
         if not base_urls:
             raise ValueError("no LLM base URL given: start the embedded server or set SELFINSTRUCT_LLM_URL")
@@ -120,6 +127,8 @@ class OpenAICompletionClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.token_ids = token_ids
+        self.api: LLMApi = api
+        self._endpoint = ENDPOINTS[api]
         self._in_flight = dict.fromkeys(self.base_urls, 0)
         self._tie_break = itertools.count()
         self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
@@ -155,6 +164,7 @@ class OpenAICompletionClient:
             max_retries=settings.llm_max_retries,
             token_ids=settings.llm_token_ids,
             max_in_flight=max_in_flight,
+            api=settings.llm_api,
         )
 
     def in_flight(self) -> dict[str, int]:
@@ -199,7 +209,8 @@ class OpenAICompletionClient:
         """Complete a list of prompts with ONE HTTP request (retried as a whole on transient faults).
 
         Args:
-            prompts: Prompts of the request; the server's choices are matched to them by `index`.
+            prompts: Prompts of the request; the server's choices are matched to them by `index`. Exactly
+                one with the chat api (`complete_isolating` sends a batch's prompts side by side).
             params: Decoding parameters.
             seed: Seed of the request, or None to let the server pick.
             stage: Recorded on every returned record.
@@ -210,6 +221,7 @@ class OpenAICompletionClient:
         Raises:
             LLMError: On a 4xx other than 408/429 (with the server's message; not retried), or once
                 `max_retries` retries have failed.
+            ValueError: More than one prompt with the chat api.
         """
         if not prompts:
             return []
@@ -230,7 +242,7 @@ class OpenAICompletionClient:
                 attempt += 1
 
     def _body(self, prompts: list[str], params: SamplingParams, seed: int | None) -> dict[str, Any]:
-        return completion_body(self.model, prompts, params, seed, self.token_ids)
+        return request_body(self.api, self.model, prompts, params, seed, self.token_ids)
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
@@ -273,11 +285,11 @@ class OpenAICompletionClient:
         public_url = redact_url(url)
         return [
             CompletionRecord(
-                key=completion_key(self.model, prompt, params, seed),
+                key=completion_key(self.model, prompt, params, seed, api=self.api),
                 stage=stage,
                 request_id=request_id,
                 prompt=prompt,
-                text=encodable(choice["text"]),
+                text=encodable(choice_text(choice) or ""),
                 finish_reason=choice.get("finish_reason"),
                 prompt_tokens=n_prompt,
                 completion_tokens=n,
@@ -297,7 +309,7 @@ class OpenAICompletionClient:
     ) -> CompletionRecord:
         """The record of a prompt the server refused: no text, `rejected` set to `reason`."""
         return CompletionRecord(
-            key=completion_key(self.model, prompt, params, seed),
+            key=completion_key(self.model, prompt, params, seed, api=self.api),
             stage=stage,
             request_id="",
             prompt=prompt,
@@ -318,7 +330,7 @@ class OpenAICompletionClient:
             async with asyncio.timeout(self.timeout_s):
                 with self._pool() as http:
                     response = await http.post(
-                        f"{url}/completions", json=body, headers={"X-Request-Id": request_id}
+                        f"{url}{self._endpoint}", json=body, headers={"X-Request-Id": request_id}
                     )
         except TimeoutError:
             raise TransientError(f"{redact_url(url)}: no answer within {self.timeout_s:g}s") from None
@@ -347,9 +359,9 @@ class OpenAICompletionClient:
 
     async def preflight(self, stop: tuple[str, ...] = ()) -> int | None:
         """Check every base URL before a round writes anything: it must be a /v1 URL whose GET /models answers
-        JSON in OpenAI's shape, and a one-token completion must not be refused (4xx: unknown model, wrong
-        API key). Transient answers (5xx or 429 in JSON, a timeout on the completion) pass: the round's
-        retries deal with those.
+        JSON in OpenAI's shape, and a one-token request to the configured endpoint (completions or chat)
+        must not be refused (4xx: unknown model, wrong API key, no such endpoint). Transient answers (5xx or
+        429 in JSON, a timeout on the completion) pass: the round's retries deal with those.
 
         Returns:
             The smallest context window the servers report for the model, or None when none reports one.
@@ -393,7 +405,14 @@ class OpenAICompletionClient:
             except TransientError:
                 pass
             except LLMError as error:
-                hint = served_models_hint(entries) if error.status == 404 else ""
+                hint = ""
+                if error.status == 404:
+                    served = {str(e["id"]) for e in entries or []}
+                    hint = (
+                        f"; it serves {self.model} but not {self._endpoint} (see SELFINSTRUCT_LLM_API)"
+                        if self.model in served
+                        else served_models_hint(entries)
+                    )
                 raise LLMError(
                     f"LLM server check failed: {error}{hint}", retryable=False, status=error.status
                 ) from None

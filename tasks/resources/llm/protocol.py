@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from schemas import SamplingParams
+from schemas.settings import LLMApi
 
 # HTTP statuses worth retrying: overload, rate limits, server faults. Every other 4xx is the caller's fault.
 RETRY_STATUSES = frozenset({408, 429})
@@ -23,6 +24,8 @@ _PROMPT_REJECTIONS: tuple[tuple[str, str], ...] = (
     ("longer than the maximum model length", "prompt_too_long"),
     ("exceeds the available context size", "prompt_too_long"),
 )
+# Path under the base URL that each api posts to.
+ENDPOINTS: dict[LLMApi, str] = {"completions": "/completions", "chat": "/chat/completions"}
 # Every `CompletionRecord.rejected` value.
 REFUSAL_REASONS = frozenset({"prompt_too_long", "rejected_by_server"})
 MAX_ERROR_CHARS = 200  # of a server's answer quoted in an error line (an HTML page would flood it)
@@ -63,21 +66,29 @@ def rejection_reason(message: str) -> str | None:
     return next((reason for marker, reason in _PROMPT_REJECTIONS if marker in lowered), None)
 
 
-def completion_body(
-    model: str, prompts: list[str], params: SamplingParams, seed: int | None, token_ids: bool
+def request_body(
+    api: LLMApi, model: str, prompts: list[str], params: SamplingParams, seed: int | None, token_ids: bool
 ) -> dict[str, Any]:
-    """The JSON body of a /v1/completions request for `prompts`.
+    """The JSON body of a request for `prompts`.
 
     Args:
+        api: "completions": the prompts as one list (the server answers one choice per prompt); "chat": the
+            one prompt as the one user message of a conversation.
         model: Model name.
-        prompts: The prompts; the server answers one choice per prompt.
+        prompts: The prompts; exactly one for "chat".
         params: Decoding parameters.
         seed: Seed of the request, or None to let the server pick.
-        token_ids: Ask for the token ids of prompt and completion (vLLM's `return_token_ids`).
+        token_ids: Ask for the token ids of prompt and completion (vLLM's `return_token_ids`); a chat
+            request has one prompt, whose usage is exact, so it never asks.
     """
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": prompts,
+    body: dict[str, Any] = {"model": model}
+    if api == "chat":
+        if len(prompts) != 1:
+            raise ValueError(f"a chat request carries one prompt, not {len(prompts)}")
+        body["messages"] = [{"role": "user", "content": prompts[0]}]
+    else:
+        body["prompt"] = prompts
+    body |= {
         "temperature": params.temperature,
         "top_p": params.top_p,
         "max_tokens": params.max_tokens,
@@ -94,13 +105,23 @@ def completion_body(
         body["stop"] = list(params.stop)
     if seed is not None:
         body["seed"] = seed
-    if token_ids:
+    if token_ids and api == "completions":
         body["return_token_ids"] = True
     return body
 
 
+def choice_text(choice: dict[str, Any]) -> str | None:
+    """The text of a choice: `text` (completions) or `message.content` (chat, where null means no text)."""
+    if "message" not in choice:
+        text = choice.get("text")
+        return text if isinstance(text, str) else None
+    message = choice["message"]
+    content = message.get("content", "") if isinstance(message, dict) else None
+    return "" if content is None else content if isinstance(content, str) else None
+
+
 def match_choices(data: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """The choices of an answer to `n` prompts, ordered by `index`.
+    """The choices of an answer to `n` prompts, ordered by `index` (`choice_text` gives their text).
 
     Raises:
         TransientError: Choices missing, repeated, badly indexed or without a text string.
@@ -121,7 +142,7 @@ def match_choices(data: dict[str, Any], n: int) -> list[dict[str, Any]]:
     if missing:
         raise TransientError(f"{len(missing)} of {n} choices missing (first: index {missing[0]})")
     ordered = [by_index[i] for i in range(n)]
-    if not all(isinstance(c.get("text"), str) for c in ordered):
+    if any(choice_text(c) is None for c in ordered):
         raise TransientError("choice without a text string")
     return ordered
 

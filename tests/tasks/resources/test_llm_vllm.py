@@ -232,9 +232,9 @@ def test_every_sampling_field_is_sent_so_the_models_generation_config_does_not_a
 
 
 def test_every_sampling_field_is_part_of_the_cache_key() -> None:
-    base = completion_key("m", "p", PARAMS, 1)
+    base = completion_key("m", "p", PARAMS, 1, api="completions")
     for change in ({"top_k": 40}, {"min_p": 0.05}, {"repetition_penalty": 1.1}, {"stop": ("x",)}):
-        assert completion_key("m", "p", PARAMS.model_copy(update=change), 1) != base
+        assert completion_key("m", "p", PARAMS.model_copy(update=change), 1, api="completions") != base
 
 
 # -- finding 7: throughput sized to the server ----------------------------------------------------------
