@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from schemas import CompletionRecord, SamplingParams
 from schemas.records import Stage
-from tasks.resources.llm.cache import CompletionCache, completion_key
+from tasks.resources.llm.cache import CompletionCache, CompletionKeys
 from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.resources.llm.protocol import LLMError, rejection_reason
 
@@ -98,7 +98,8 @@ async def generate(
     """
     if batch_size < 1 or concurrency < 1:
         raise ValueError("batch_size and concurrency must be at least 1")
-    keys = [completion_key(client.model, r.prompt, params, r.seed, api=client.api) for r in requests]
+    key_of = CompletionKeys(client.model, params, api=client.api)
+    keys = [key_of(r.prompt, r.seed) for r in requests]
     multiplicity: dict[str, int] = {}
     for k in keys:
         multiplicity[k] = multiplicity.get(k, 0) + 1

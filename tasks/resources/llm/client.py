@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from schemas import CompletionRecord, SamplingParams, Settings
 from schemas.records import Stage
 from schemas.settings import LLMApi
-from tasks.resources.llm.cache import completion_key
+from tasks.resources.llm.cache import CompletionKeys, completion_key
 from tasks.resources.llm.protocol import (
     ENDPOINTS,
     MAX_ERROR_CHARS,
@@ -130,6 +130,7 @@ class OpenAICompletionClient:
         self.api: LLMApi = api
         self._endpoint = ENDPOINTS[api]
         self._in_flight = dict.fromkeys(self.base_urls, 0)
+        self._public_urls = {u: redact_url(u) for u in self.base_urls}
         self._tie_break = itertools.count()
         self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._secrets = [s for s in self._url_passwords() if s]
@@ -226,10 +227,12 @@ class OpenAICompletionClient:
         if not prompts:
             return []
         body = self._body(prompts, params, seed)
+        key_of = CompletionKeys(self.model, params, api=self.api)
+        keys = [key_of(p, seed) for p in prompts]
         attempt = 0
         while True:
             try:
-                return await self._attempt(prompts, body, params, seed, stage)
+                return await self._attempt(prompts, keys, body, seed, stage)
             except TransientError as exc:
                 if attempt >= self.max_retries:
                     raise LLMError(
@@ -267,12 +270,7 @@ class OpenAICompletionClient:
                 self._in_flight[url] -= 1
 
     async def _attempt(
-        self,
-        prompts: list[str],
-        body: dict[str, Any],
-        params: SamplingParams,
-        seed: int | None,
-        stage: Stage,
+        self, prompts: list[str], keys: list[str], body: dict[str, Any], seed: int | None, stage: Stage
     ) -> list[CompletionRecord]:
         async with self._slot() as url:
             request_id = uuid.uuid4().hex
@@ -282,10 +280,10 @@ class OpenAICompletionClient:
             latency = time.perf_counter() - start
         choices = match_choices(data, len(prompts))
         per_prompt, per_choice, cached = token_counts(data, choices)
-        public_url = redact_url(url)
+        public_url = self._public_urls[url]
         return [
             CompletionRecord(
-                key=completion_key(self.model, prompt, params, seed, api=self.api),
+                key=key,
                 stage=stage,
                 request_id=request_id,
                 prompt=prompt,
@@ -301,7 +299,9 @@ class OpenAICompletionClient:
                 base_url=public_url,
                 seed=seed,
             )
-            for prompt, choice, n, n_prompt in zip(prompts, choices, per_choice, per_prompt, strict=True)
+            for prompt, key, choice, n, n_prompt in zip(
+                prompts, keys, choices, per_choice, per_prompt, strict=True
+            )
         ]
 
     def refused(

@@ -4,6 +4,8 @@ and the fake for faults on demand."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 import uuid
 from collections import deque
@@ -19,7 +21,7 @@ from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
 from tasks.resources.llm.batch import CompletionRequest, generate
-from tasks.resources.llm.cache import completion_key
+from tasks.resources.llm.cache import CompletionKeys, completion_key
 from tasks.resources.llm.chunks import GenerationSession, generate_chunk, generate_in_tasks
 from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.resources.llm.protocol import LLMError, request_body
@@ -94,6 +96,26 @@ def test_completion_key_is_sha256_hex_and_depends_on_every_input() -> None:
         completion_key("m", "p", PARAMS, 1, api="chat"),
     }
     assert key not in variants and len(variants) == 7
+
+
+@pytest.mark.parametrize("prompt", ["p", 'a "quoted"\nline\\', "日本語 ☃ \x00", ""])
+def test_completion_key_is_the_sha256_of_the_sorted_canonical_json(prompt: str) -> None:
+    payload = {
+        "v": 3,
+        "model": "m",
+        "prompt": prompt,
+        "params": PARAMS.model_dump(mode="json"),
+        "seed": None,
+        "api": "chat",
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    expected = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    assert completion_key("m", prompt, PARAMS, None, api="chat") == expected
+    keys = CompletionKeys("m", PARAMS, api="chat")
+    assert [keys(prompt, None), keys(prompt, 1)] == [
+        expected,
+        completion_key("m", prompt, PARAMS, 1, api="chat"),
+    ]
 
 
 @settings(max_examples=50, deadline=None)
