@@ -3,10 +3,11 @@ an answer means (its choices, token counts and errors). Pure functions; the clie
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
-
-import httpx
 
 from schemas import SamplingParams
 from schemas.settings import LLMApi
@@ -30,6 +31,32 @@ ENDPOINTS: dict[LLMApi, str] = {"completions": "/completions", "chat": "/chat/co
 REFUSAL_REASONS = frozenset({"prompt_too_long", "rejected_by_server"})
 MAX_ERROR_CHARS = 200  # of a server's answer quoted in an error line (an HTML page would flood it)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer, read whole: what the functions here need of it.
+
+    Attributes:
+        status: HTTP status.
+        content_type: The Content-Type header ("" when absent).
+        body: The body's bytes.
+        retry_after: The Retry-After header, or None.
+    """
+
+    status: int
+    content_type: str
+    body: bytes
+    retry_after: str | None = None
+
+    def json(self) -> Any:
+        """The body parsed as JSON (ValueError when it is not)."""
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        """The body as text (undecodable bytes replaced)."""
+        return self.body.decode("utf-8", errors="replace")
 
 
 class LLMError(Exception):
@@ -181,7 +208,7 @@ def encodable(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text)
 
 
-def error_text(response: httpx.Response) -> str:
+def error_text(response: Answer) -> str:
     """The server's own error text: OpenAI's {"error": {"message": ...}}, FastAPI's "detail", or the body."""
     try:
         data = response.json()
@@ -193,21 +220,21 @@ def error_text(response: httpx.Response) -> str:
         message = error.get("message") if isinstance(error, dict) else error
         message = message or data.get("message") or data.get("detail")
     if not message:
-        message = response.text.strip() or response.reason_phrase
+        message = response.text.strip() or _reason_phrase(response.status)
     return str(message)[:MAX_ERROR_CHARS]
 
 
-def retry_after(response: httpx.Response) -> float | None:
+def retry_after(response: Answer) -> float | None:
     """The seconds a server's Retry-After header asks for, or None."""
     try:
-        return max(0.0, float(response.headers.get("retry-after", "")))
+        return max(0.0, float(response.retry_after or ""))
     except ValueError:
         return None
 
 
-def models_answer(response: httpx.Response) -> list[dict[str, Any]] | None:
+def models_answer(response: Answer) -> list[dict[str, Any]] | None:
     """The model entries of a GET /models answer in OpenAI's shape, or None when it is not that shape."""
-    if "json" not in response.headers.get("content-type", ""):
+    if "json" not in response.content_type:
         return None
     try:
         data = response.json()
@@ -239,6 +266,13 @@ def served_models_hint(entries: list[dict[str, Any]] | None) -> str:
     if not names:
         return ""
     return f"; it serves: {', '.join(names[:10])} (set SELFINSTRUCT_MODEL, or the round's model/adapter)"
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _split_evenly(total: int, parts: int) -> list[int]:
