@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import encode_basestring  # json.dumps(str, ensure_ascii=False), without the encoder setup
 from typing import Protocol
 
 from schemas import CompletionRecord, SamplingParams
@@ -61,7 +62,7 @@ class CompletionKeys:
         tail = self._tails.get(seed)
         if tail is None:
             tail = self._tails[seed] = _canonical({"seed": seed, "v": _KEY_VERSION})
-        canonical = f'{self._head[:-1]},"prompt":{_canonical(prompt)},{tail[1:]}'
+        canonical = f'{self._head[:-1]},"prompt":{encode_basestring(prompt)},{tail[1:]}'
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import random
 import re
@@ -247,8 +248,10 @@ class OpenAICompletionClient:
                 await asyncio.sleep(delay)
                 attempt += 1
 
-    def _body(self, prompts: list[str], params: SamplingParams, seed: int | None) -> dict[str, Any]:
-        return request_body(self.api, self.model, prompts, params, seed, self.token_ids)
+    def _body(self, prompts: list[str], params: SamplingParams, seed: int | None) -> bytes:
+        # Encoded once per request, not once per attempt.
+        body = request_body(self.api, self.model, prompts, params, seed, self.token_ids)
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
@@ -273,7 +276,7 @@ class OpenAICompletionClient:
                 self._in_flight[url] -= 1
 
     async def _attempt(
-        self, prompts: list[str], keys: list[str], body: dict[str, Any], seed: int | None, stage: Stage
+        self, prompts: list[str], keys: list[str], body: bytes, seed: int | None, stage: Stage
     ) -> list[CompletionRecord]:
         async with self._slot() as url:
             request_id = uuid.uuid4().hex
@@ -327,14 +330,18 @@ class OpenAICompletionClient:
             rejected=reason,
         )
 
-    async def _post(self, url: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+    async def _post(self, url: str, body: bytes, request_id: str) -> dict[str, Any]:
         try:
             response = await self._exchange(
                 "POST",
                 f"{url}{self._endpoint}",
                 self.timeout_s,
-                json=body,
-                headers={**self._headers[url], "X-Request-Id": request_id},
+                data=body,
+                headers={
+                    **self._headers[url],
+                    "Content-Type": "application/json",
+                    "X-Request-Id": request_id,
+                },
             )
         except TimeoutError:
             raise TransientError(f"{redact_url(url)}: no answer within {self.timeout_s:g}s") from None
