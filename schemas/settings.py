@@ -30,8 +30,15 @@ class Settings(BaseSettings):
         "or 'chat' (/v1/chat/completions, each prompt alone as one user message; for chat-only models).",
     )
     api_key: SecretStr | None = Field(default=None, description="Bearer token for the LLM servers.")
-    llm_batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per /v1/completions request.")
-    llm_concurrency: int = Field(default=4, ge=1, le=1024, description="HTTP requests in flight at most.")
+    llm_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Prompts per /v1/completions request (chat: sent side by side, one request each).",
+    )
+    llm_concurrency: int = Field(
+        default=4, ge=1, le=1024, description="Batches (HTTP requests with completions) in flight at most."
+    )
     llm_token_ids: bool = Field(
         default=False,
         description="Ask the server for token ids (vLLM's return_token_ids) for exact per-prompt token "

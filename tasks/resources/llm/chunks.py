@@ -34,6 +34,10 @@ class GenerationSession:
     Sharing it lets the chunks overlap: the next chunk's batches start as soon as HTTP slots free up, so the
     servers never idle at chunk boundaries, while the client keeps at most `llm_concurrency` requests in
     flight in total.
+
+    Prefect's async tasks cannot replace this thread: Prefect 3.8's ThreadPoolTaskRunner runs each async task
+    run under its own `asyncio.run` in a worker thread (task_runners.py `submit`), so two chunks would hold
+    two event loops, and a client (its connections, its in-flight cap) belongs to one loop.
     """
 
     def __init__(self, settings: Settings, base_urls: list[str]) -> None:
