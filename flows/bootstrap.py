@@ -43,6 +43,8 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
     """
     params = params or RoundParams()
     settings = run_settings()
+    if params.llm_api:
+        settings = settings.model_copy(update={"llm_api": params.llm_api})
     config = params.config
     logger = get_run_logger()
     run_id = str(flow_run.id or uuid.uuid4())

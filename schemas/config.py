@@ -7,6 +7,8 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.settings import LLMApi
+
 # Section 2.3 of the paper: instructions mentioning these are filtered out because a language model
 # cannot process them.
 DEFAULT_BLACKLIST: tuple[str, ...] = (
@@ -154,6 +156,9 @@ class RoundParams(BaseModel):
     llm_urls: list[str] = Field(
         default_factory=list,
         description="OpenAI-compatible base URLs; empty = Settings, else the embedded server.",
+    )
+    llm_api: LLMApi | None = Field(
+        default=None, description="'completions' or 'chat' endpoint; None = Settings (SELFINSTRUCT_LLM_API)."
     )
     config: BootstrapConfig = Field(default_factory=BootstrapConfig, description="The round's knobs.")
     store_slot: bool = Field(

@@ -1,7 +1,13 @@
 """Infrastructure settings, read from SELFINSTRUCT_* environment variables when constructed."""
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Which OpenAI-compatible endpoint takes the prompts: /v1/completions (a list of prompts per request) or
+# /v1/chat/completions (one prompt per request, as the one user message of a conversation).
+LLMApi = Literal["completions", "chat"]
 
 
 class Settings(BaseSettings):
@@ -18,9 +24,21 @@ class Settings(BaseSettings):
         description="Comma-separated OpenAI-compatible base URLs (…/v1); None starts the embedded server.",
     )
     model: str = Field(default="smollm2-135m-instruct", description="Model name sent to the server.")
+    llm_api: LLMApi = Field(
+        default="completions",
+        description="Endpoint for prompts: 'completions' (/v1/completions, a batch of prompts per request) "
+        "or 'chat' (/v1/chat/completions, each prompt alone as one user message; for chat-only models).",
+    )
     api_key: SecretStr | None = Field(default=None, description="Bearer token for the LLM servers.")
-    llm_batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts per /v1/completions request.")
-    llm_concurrency: int = Field(default=4, ge=1, le=1024, description="HTTP requests in flight at most.")
+    llm_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Prompts per /v1/completions request (chat: sent side by side, one request each).",
+    )
+    llm_concurrency: int = Field(
+        default=4, ge=1, le=1024, description="Batches (HTTP requests with completions) in flight at most."
+    )
     llm_token_ids: bool = Field(
         default=False,
         description="Ask the server for token ids (vLLM's return_token_ids) for exact per-prompt token "

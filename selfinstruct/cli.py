@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from schemas import Settings
+from schemas.settings import LLMApi
 from selfinstruct import cli_audit, cli_export, cli_ops, cli_train, processes
 from selfinstruct.cli_llm import llm_app
 from selfinstruct.console import console, errors, fail
@@ -48,7 +49,8 @@ def check_llm_servers(
     import asyncio
     from urllib.parse import urlsplit
 
-    from tasks.resources.llm import LLMError, OpenAICompletionClient, check_base_url
+    from tasks.resources.llm.client import OpenAICompletionClient, check_base_url
+    from tasks.resources.llm.protocol import LLMError
     from tasks.resources.redact import redact_url
 
     try:
@@ -67,7 +69,12 @@ def check_llm_servers(
 
     async def preflight() -> int | None:
         client = OpenAICompletionClient(
-            urls, model, api_key=settings.api_key, timeout_s=min(settings.llm_timeout_s, 30.0), max_retries=0
+            urls,
+            model,
+            api_key=settings.api_key,
+            timeout_s=min(settings.llm_timeout_s, 30.0),
+            max_retries=0,
+            api=settings.llm_api,
         )
         try:
             return await client.preflight(stop)
@@ -98,6 +105,13 @@ def run(
     llm_url: Annotated[
         list[str] | None, typer.Option(help="OpenAI-compatible base URL (repeatable).")
     ] = None,
+    llm_api: Annotated[
+        LLMApi | None,
+        typer.Option(
+            help="Send prompts to /v1/completions or, one prompt per request, to /v1/chat/completions "
+            "(default: SELFINSTRUCT_LLM_API, else completions)."
+        ),
+    ] = None,
     adapter: Annotated[
         str | None,
         typer.Option(
@@ -118,6 +132,8 @@ def run(
     from tasks.round.seeds import SeedFileError, load_seeds
 
     settings = load_settings(store)
+    if llm_api is not None:
+        settings = settings.model_copy(update={"llm_api": llm_api})
     round_config = load_config(config, prompts, adapter)
     try:
         load_seeds(seeds)
@@ -163,6 +179,7 @@ def run(
                 store_url=settings.store_url,
                 seeds_path=str(seeds) if seeds else None,
                 llm_urls=urls,
+                llm_api=settings.llm_api,
                 config=round_config,
                 store_slot=bool(os.environ.get("PREFECT_API_URL")) if store_slot is None else store_slot,
             )

@@ -2,7 +2,7 @@
 
 Library code reports with `report`; with no sink installed (a worker running a deployment, a test, a script)
 that costs a lookup and does nothing. Generation reaches the sink through its existing `on_progress` hook
-(tasks.resources.llm): `generation_hook`
+(tasks.resources.llm.batch): `generation_hook`
 wraps the Prefect progress artifact's callback, so one call feeds both.
 Nothing here imports Prefect or rich; the terminal display lives in selfinstruct/progress.py.
 """

@@ -285,7 +285,7 @@ def run_audit(store: Store, params: AuditParams, settings: Settings, urls: list[
 
     Raises:
         StoreError: When the round is not committed.
-        tasks.resources.llm.LLMError: When the judge fails for good.
+        tasks.resources.llm.protocol.LLMError: When the judge fails for good.
     """
     number = resolve_round(store, params.round)
     round_manifest = store.read_manifest(number)

@@ -177,9 +177,10 @@ def judge_completions(
         The completion text of each prompt, in order.
 
     Raises:
-        tasks.resources.llm.LLMError: When a batch fails for good.
+        tasks.resources.llm.protocol.LLMError: When a batch fails for good.
     """
-    from tasks.resources.llm import CompletionRequest, OpenAICompletionClient, generate
+    from tasks.resources.llm.batch import CompletionRequest, generate
+    from tasks.resources.llm.client import OpenAICompletionClient
 
     async def run() -> list[str]:
         client = OpenAICompletionClient(

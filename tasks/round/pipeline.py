@@ -29,7 +29,8 @@ from schemas import (
     SamplingParams,
     Settings,
 )
-from tasks.resources.llm import CompletionRequest, GenerationSession, ProgressCallback, generate_chunk
+from tasks.resources.llm.batch import CompletionRequest, ProgressCallback
+from tasks.resources.llm.chunks import GenerationSession, generate_chunk
 from tasks.round.pool import IndexDelta, Pool
 from tasks.round.records import (
     Candidate,

@@ -17,7 +17,8 @@ from schemas import (
     SimilarInstruction,
 )
 from schemas.records import Stage
-from tasks.resources.llm import REFUSAL_REASONS, CompletionRequest
+from tasks.resources.llm.batch import CompletionRequest
+from tasks.resources.llm.protocol import REFUSAL_REASONS
 from tasks.round.classify import build_classify_prompt, parse_classification
 from tasks.round.dedup.greedy import deduplicate
 from tasks.round.filters import check_instruction, filter_instances

@@ -18,7 +18,9 @@ from schemas import (
 )
 from tasks.publish.artifacts import ProgressArtifact
 from tasks.publish.progress import ProgressUpdate, generation_hook, report
-from tasks.resources.llm import CompletionCache, CompletionRequest, ProgressCallback, generate_in_tasks
+from tasks.resources.llm.batch import CompletionRequest, ProgressCallback
+from tasks.resources.llm.cache import CompletionCache
+from tasks.resources.llm.chunks import generate_in_tasks
 from tasks.round.commit import RoundResult
 from tasks.round.pool import IndexDelta
 from tasks.round.records import (

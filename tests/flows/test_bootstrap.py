@@ -86,3 +86,30 @@ def test_two_rounds_on_the_embedded_model(prefect_server: None, embedded_llm: st
     from tasks.publish.artifacts import counts_rows
 
     assert rows == counts_rows(manifest2.counts)
+
+
+def test_a_round_through_the_chat_endpoint(prefect_server: None, embedded_llm: str, tmp_path: Path) -> None:
+    from tasks.resources.llm.cache import completion_key
+
+    small = _small_config()
+    short = {"max_tokens": 48}
+    config = small.model_copy(
+        update={
+            "prompts_per_round": 1,
+            "max_instances": 1,
+            "instruction_sampling": small.instruction_sampling.model_copy(update=short),
+            "instance_sampling": small.instance_sampling.model_copy(update=short),
+        }
+    )
+    store_url = str(tmp_path / "store")
+    params = RoundParams(store_url=store_url, llm_urls=[embedded_llm], llm_api="chat", config=config)
+
+    assert bootstrap_round(params)["round"] == 1
+    requests = Store(store_url).read_table(1, "requests").to_pylist()
+    # One prompt per HTTP request, and every cache key says which api answered it.
+    assert len({r["request_id"] for r in requests}) == len(requests) >= 1
+    first = next(r for r in requests if r["stage"] == "instruction")
+    expected = completion_key(
+        first["model"], first["prompt"], config.instruction_sampling, first["seed"], api="chat"
+    )
+    assert first["key"] == expected

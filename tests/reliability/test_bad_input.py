@@ -234,7 +234,7 @@ def test_s3_store_with_wrong_credentials(
 def test_unreachable_llm_server(store_dir: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     line = _fails_cleanly("run", "--store", str(store_dir), "--llm-url", url)
-    assert line == f"error: LLM server {url} is unreachable (ConnectError)"
+    assert line == f"error: LLM server {url} is unreachable (ClientConnectorError)"
 
 
 def test_llm_url_that_is_not_a_url(store_dir: Path) -> None:

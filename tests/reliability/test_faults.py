@@ -27,7 +27,7 @@ import tasks.resources.store
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
 from selfinstruct.cli import app
-from tasks.resources.llm import LLMError
+from tasks.resources.llm.protocol import LLMError
 from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig

@@ -101,6 +101,19 @@ def test_a_url_without_v1_is_refused(store_dir: Path) -> None:
         assert "ends in /v1" in line and fake.requests == 0
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_the_chat_api_is_checked_on_the_chat_endpoint(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    flag = ["--llm-api", "chat"] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv("SELFINSTRUCT_LLM_API", "chat")
+    with FakeOpenAI(models=("served-model",)) as fake:
+        line = _one_line("run", "--store", str(store_dir), "--llm-url", fake.url, *flag)
+        assert "does not exist" in line and "it serves: served-model" in line
+        assert fake.paths == {"/v1/chat/completions": 1}
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
-from tasks.resources.llm import LLMError, OpenAICompletionClient
+from tasks.resources.llm.client import OpenAICompletionClient
+from tasks.resources.llm.protocol import LLMError
 from tasks.resources.redact import redact_url
 from tasks.resources.store.files import StoreError
 from tasks.resources.store.records import records_to_table

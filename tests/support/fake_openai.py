@@ -1,4 +1,5 @@
-"""A real HTTP server on loopback speaking OpenAI's /v1/completions, with latency and fault injection.
+"""A real HTTP server on loopback speaking OpenAI's /v1/completions and /v1/chat/completions (one user
+message, answered like the same prompt on /v1/completions), with latency and fault injection.
 
 It exists for what a real LLM server cannot do on demand: answer in a fixed (or randomly drawn) time, and fail
 in a chosen way at a chosen moment. Completions are deterministic: a numbered list that echoes the end of the
@@ -154,7 +155,8 @@ def fake_completion(
 class FakeOpenAI:
     """The server. Start with `start()` or as a context manager; `url` is `http://127.0.0.1:PORT/v1`.
 
-    Counters (read them after requests finish): `requests` (POSTs to /v1/completions, faulted ones included),
+    Counters (read them after requests finish): `requests` (POSTs to /v1/completions and
+    /v1/chat/completions, faulted ones included), `paths` (Counter of the POSTs by path),
     `prompts` (prompts in those requests), `faults` (Counter by fault name), `max_in_flight`,
     `authorization` (Authorization headers seen), `bodies` (the last 1000 request bodies).
     """
@@ -215,6 +217,7 @@ class FakeOpenAI:
         self._rng = random.Random(rng_seed)
         self.responder = responder
         self.requests = 0
+        self.paths: Counter[str] = Counter()
         self.prompts = 0
         self.faults_injected: Counter[str] = Counter()
         self.in_flight = 0
@@ -284,6 +287,7 @@ class FakeOpenAI:
     async def _start_site(self, sock: socket.socket) -> None:
         app = web.Application()
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/_fake/stats", self._stats)
         if self.vllm is not None:
@@ -447,6 +451,7 @@ class FakeOpenAI:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.paths[request.path] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -458,12 +463,17 @@ class FakeOpenAI:
         self.authorization.append(request.headers.get("Authorization"))
         if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        chat = request.path.endswith("/chat/completions")
         try:
             body = await request.json()
-            prompts = body["prompt"]
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if chat:
+                (message,) = body["messages"]  # the client sends one user message per request
+                prompts = [message["content"]] if message["role"] == "user" else []
+            else:
+                prompts = body["prompt"]
+                prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         except (ValueError, KeyError, TypeError):
-            return _error(400, "request body must be JSON with a 'prompt'")
+            return _error(400, f"request body must be JSON with {'one message' if chat else 'a prompt'}")
         self.bodies.append(body)
         self.prompts += len(prompts)
         if self.models is not None and body.get("model") not in self.served():
@@ -515,6 +525,10 @@ class FakeOpenAI:
         if fault == "malformed":
             return web.Response(text='{"choices": [{"text": "unterminated', content_type="application/json")
         result = self._result(body, prompts, fault)
+        if request.path.endswith("/chat/completions"):
+            result["object"] = "chat.completion"
+            for choice in result["choices"]:
+                choice["message"] = {"role": "assistant", "content": choice.pop("text")}
         if self.vllm is not None and body.get("return_token_ids"):
             n = int(body.get("n") or 1)
             for choice in result["choices"]:

@@ -23,7 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from schemas import Settings
-from tasks.resources.llm import redact_url
+from tasks.resources.redact import redact_url
 
 # Spare sequences queued beyond what runs, as a fraction of max_num_seqs.
 _QUEUE_SHARE = 0.25

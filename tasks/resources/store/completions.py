@@ -17,7 +17,7 @@ from tasks.resources.store.rounds import Store
 class StoreCompletionCache:
     """Completions of one round, persisted in the store as each HTTP batch returns.
 
-    Implements the `CompletionCache` protocol of `tasks.resources.llm`.
+    Implements the `CompletionCache` protocol of `tasks.resources.llm.cache`.
     """
 
     def __init__(self, store: Store, number: int) -> None:

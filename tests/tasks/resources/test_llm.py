@@ -1,29 +1,31 @@
-"""tasks.resources.llm against the real embedded llama.cpp server, and the fake for faults on demand."""
+"""tasks.resources.llm (protocol, cache, client, batch, chunks) against the real embedded llama.cpp server,
+and the fake for faults on demand."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
-from tasks.resources.llm import (
-    CompletionRequest,
-    LLMError,
-    OpenAICompletionClient,
-    completion_key,
-    generate,
-    generate_chunk,
-    generate_in_tasks,
-)
+from tasks.resources.llm.batch import CompletionRequest, generate
+from tasks.resources.llm.cache import CompletionKeys, completion_key
+from tasks.resources.llm.chunks import GenerationSession, generate_chunk, generate_in_tasks
+from tasks.resources.llm.client import OpenAICompletionClient
+from tasks.resources.llm.protocol import LLMError, request_body
+from tasks.resources.servers.embedded import EmbeddedServer
 from tests.support.fake_openai import FakeOpenAI, FaultConfig, fake_completion
 
 T = TypeVar("T")
@@ -41,6 +43,10 @@ def fast_client(urls: list[str], **kwargs: Any) -> OpenAICompletionClient:
     """A client whose retries take milliseconds, so fault tests stay fast."""
     options: dict[str, Any] = {"timeout_s": 2.0, "max_retries": 5, "backoff_s": 0.01} | kwargs
     return OpenAICompletionClient(urls, "fake-model", **options)
+
+
+def requests_for_prompts(prompts: list[str], seed: int | None = 7) -> list[CompletionRequest]:
+    return [CompletionRequest(p, "instruction", seed) for p in prompts]
 
 
 def requests_for(n: int, seed: int | None = 1, stage: Any = "instruction") -> list[CompletionRequest]:
@@ -77,24 +83,46 @@ class DictCache:
 
 
 def test_completion_key_is_sha256_hex_and_depends_on_every_input() -> None:
-    key = completion_key("m", "p", PARAMS, 1)
+    key = completion_key("m", "p", PARAMS, 1, api="completions")
     assert len(key) == 64 and int(key, 16) >= 0
-    assert key == completion_key("m", "p", SamplingParams(**PARAMS.model_dump()), 1)
+    assert key == completion_key("m", "p", SamplingParams(**PARAMS.model_dump()), 1, api="completions")
     variants = {
-        completion_key("m2", "p", PARAMS, 1),
-        completion_key("m", "p2", PARAMS, 1),
-        completion_key("m", "p", PARAMS, 2),
-        completion_key("m", "p", PARAMS, None),
-        completion_key("m", "p", PARAMS.model_copy(update={"temperature": 0.5}), 1),
-        completion_key("m", "p", PARAMS.model_copy(update={"stop": ("\n",)}), 1),
+        completion_key("m2", "p", PARAMS, 1, api="completions"),
+        completion_key("m", "p2", PARAMS, 1, api="completions"),
+        completion_key("m", "p", PARAMS, 2, api="completions"),
+        completion_key("m", "p", PARAMS, None, api="completions"),
+        completion_key("m", "p", PARAMS.model_copy(update={"temperature": 0.5}), 1, api="completions"),
+        completion_key("m", "p", PARAMS.model_copy(update={"stop": ("\n",)}), 1, api="completions"),
+        completion_key("m", "p", PARAMS, 1, api="chat"),
     }
-    assert key not in variants and len(variants) == 6
+    assert key not in variants and len(variants) == 7
+
+
+@pytest.mark.parametrize("prompt", ["p", 'a "quoted"\nline\\', "日本語 ☃ \x00", ""])
+def test_completion_key_is_the_sha256_of_the_sorted_canonical_json(prompt: str) -> None:
+    payload = {
+        "v": 3,
+        "model": "m",
+        "prompt": prompt,
+        "params": PARAMS.model_dump(mode="json"),
+        "seed": None,
+        "api": "chat",
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    expected = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    assert completion_key("m", prompt, PARAMS, None, api="chat") == expected
+    keys = CompletionKeys("m", PARAMS, api="chat")
+    assert [keys(prompt, None), keys(prompt, 1)] == [
+        expected,
+        completion_key("m", prompt, PARAMS, 1, api="chat"),
+    ]
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.text(), st.text())
 def test_completion_key_separates_prompts(a: str, b: str) -> None:
-    assert (completion_key("m", a, PARAMS, 0) == completion_key("m", b, PARAMS, 0)) == (a == b)
+    same = completion_key("m", a, PARAMS, 0, api="chat") == completion_key("m", b, PARAMS, 0, api="chat")
+    assert same == (a == b)
 
 
 # -- the real embedded server ---------------------------------------------------------------------------
@@ -119,10 +147,34 @@ def test_list_of_prompts_on_the_real_server_comes_back_in_order(embedded_llm: st
     assert len({r.request_id for r in batch}) == 1
     first = batch[0]
     assert first.base_url == embedded_llm and first.seed == 7 and first.latency_s > 0
-    assert first.key == completion_key("smollm2-135m-instruct", prompts[0], GREEDY_SHORT, 7)
+    assert first.key == completion_key(
+        "smollm2-135m-instruct", prompts[0], GREEDY_SHORT, 7, api="completions"
+    )
     assert all(r.prompt_tokens > 0 for r in batch)
     assert sum(r.completion_tokens for r in batch) > 0
     assert all(r.finish_reason in ("stop", "length") for r in batch)
+
+
+def test_real_server_request_records_its_times_and_cached_prompt_tokens(tmp_path: Path) -> None:
+    """On one slot, the second of two identical prompts finds the first's tokens in the prompt cache."""
+    prompt = "Write a short list of three everyday tasks that a helpful assistant could do for a student:\n1."
+
+    async def scenario(url: str) -> list[CompletionRecord]:
+        client = OpenAICompletionClient([url], "smollm2-135m-instruct")
+        try:
+            return [(await client.complete([prompt], GREEDY_SHORT, 7, "instruction"))[0] for _ in range(2)]
+        finally:
+            await client.aclose()
+
+    with EmbeddedServer(parallel=1, ctx_per_slot=512, cache_dir=tmp_path) as server:
+        first, second = run(scenario(server.url))
+    for record in (first, second):
+        assert record.sent_at is not None and record.received_at is not None
+        assert record.sent_at <= record.received_at
+    assert first.received_at is not None and second.sent_at is not None
+    assert first.received_at <= second.sent_at
+    assert second.cached_prompt_tokens is not None and second.cached_prompt_tokens > 0
+    assert second.cached_prompt_tokens <= second.prompt_tokens
 
 
 def test_real_server_rejection_fails_fast_with_its_message(embedded_llm: str) -> None:
@@ -140,6 +192,51 @@ def test_real_server_rejection_fails_fast_with_its_message(embedded_llm: str) ->
         run(scenario())
     assert not info.value.retryable
     assert time.perf_counter() - start < 5  # no backoff: a 400 is not retried
+
+
+def test_chat_on_the_real_server_sends_each_prompt_alone(embedded_llm: str) -> None:
+    prompts = ["Name a fruit.", "hello " * 2500, "Name a colour."]  # the middle one overflows a slot
+
+    async def scenario() -> tuple[list[CompletionRecord], list[str]]:
+        client = OpenAICompletionClient([embedded_llm], "smollm2-135m-instruct", api="chat")
+        try:
+            records = await generate(client, requests_for_prompts(prompts), GREEDY_SHORT, None, 3, 1)
+        finally:
+            await client.aclose()
+        async with httpx.AsyncClient(timeout=60) as http:  # the same requests, parsed by hand
+            direct = []
+            for p in (prompts[0], prompts[2]):
+                body = request_body("chat", "smollm2-135m-instruct", [p], GREEDY_SHORT, 7, False)
+                answer = (await http.post(f"{embedded_llm}/chat/completions", json=body)).json()
+                direct.append(answer["choices"][0]["message"]["content"])
+        return records, direct
+
+    records, direct = run(scenario())
+    assert [r.prompt for r in records] == prompts
+    assert [records[0].text, records[2].text] == direct and all(direct)
+    assert records[1].rejected == "prompt_too_long" and records[0].rejected is None
+    assert records[0].request_id != records[2].request_id  # one prompt per HTTP request
+    assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 for r in (records[0], records[2]))
+    assert records[0].key == completion_key("smollm2-135m-instruct", prompts[0], GREEDY_SHORT, 7, api="chat")
+
+
+def test_chat_faults_are_retried_and_usage_is_exact(fake_openai: FakeFactory) -> None:
+    fake = fake_openai(faults=FaultConfig(script=deque(["500", "malformed", "drop_choice"])))
+    client = fast_client([fake.url], api="chat")
+    records = run(generate_with(client, requests_for(3), PARAMS, None, batch_size=3, concurrency=1))
+    assert [r.text for r in records] == [expected_text(f"Task number {i}:", 1) for i in range(3)]
+    assert [r.completion_tokens for r in records] == [len(r.text.split()) for r in records]
+    assert fake.paths == {"/v1/chat/completions": 6} and sum(fake.faults_injected.values()) == 3
+    assert all(len(b["messages"]) == 1 and "prompt" not in b for b in fake.bodies)
+
+
+def test_chat_sessions_count_a_batch_as_its_requests(fake_openai: FakeFactory) -> None:
+    fake = fake_openai(latency_s=0.05)
+    settings = Settings(model="fake-model", llm_batch_size=3, llm_concurrency=2, llm_api="chat")
+    with GenerationSession(settings, [fake.url]) as session:
+        records = generate_chunk.fn(requests_for(12), PARAMS, settings, [fake.url], None, session)
+    assert [r.text for r in records] == [expected_text(f"Task number {i}:", 1) for i in range(12)]
+    assert fake.requests == 12 and fake.max_in_flight == 6
 
 
 # -- faults from the fake -------------------------------------------------------------------------------

@@ -19,14 +19,10 @@ from pydantic import ValidationError
 
 from schemas import BootstrapConfig, CompletionRecord, SamplingParams, Settings
 from selfinstruct.cli import check_llm_servers
-from tasks.resources.llm import (
-    CompletionRequest,
-    LLMError,
-    OpenAICompletionClient,
-    completion_key,
-    generate,
-    rejection_reason,
-)
+from tasks.resources.llm.batch import CompletionRequest, generate
+from tasks.resources.llm.cache import completion_key
+from tasks.resources.llm.client import OpenAICompletionClient
+from tasks.resources.llm.protocol import LLMError, rejection_reason
 from tasks.resources.llm.sizing import parse_vllm_metrics, plan_throughput, size_for_servers
 from tests.support.fake_openai import VLLM_SAMPLING_DEFAULTS, FakeOpenAI, FaultConfig, VLLMMode, words
 
@@ -236,9 +232,9 @@ def test_every_sampling_field_is_sent_so_the_models_generation_config_does_not_a
 
 
 def test_every_sampling_field_is_part_of_the_cache_key() -> None:
-    base = completion_key("m", "p", PARAMS, 1)
+    base = completion_key("m", "p", PARAMS, 1, api="completions")
     for change in ({"top_k": 40}, {"min_p": 0.05}, {"repetition_penalty": 1.1}, {"stop": ("x",)}):
-        assert completion_key("m", "p", PARAMS.model_copy(update=change), 1) != base
+        assert completion_key("m", "p", PARAMS.model_copy(update=change), 1, api="completions") != base
 
 
 # -- finding 7: throughput sized to the server ----------------------------------------------------------

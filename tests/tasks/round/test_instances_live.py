@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from schemas import BootstrapConfig
-from tasks.resources.llm import CompletionRequest, OpenAICompletionClient, generate
+from tasks.resources.llm.batch import CompletionRequest, generate
+from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.round.classify import build_classify_prompt, parse_classification
 from tasks.round.instances import build_instance_prompt, parse_instances
 
