@@ -55,7 +55,7 @@ def generation_model(config: BootstrapConfig, settings: Settings, store: Store) 
         return config.model or settings.model
     if config.adapter != LATEST_ADAPTER:
         return config.adapter
-    from tasks.training.finetune import latest_finetune  # only rounds that ask for it read the fine-tunes
+    from tasks.training.registry import latest_finetune  # only rounds that ask for it read the fine-tunes
 
     finetune_id = latest_finetune(store)
     if finetune_id is None:

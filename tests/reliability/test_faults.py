@@ -23,11 +23,12 @@ import pytest
 import s3fs
 from typer.testing import CliRunner
 
-import tasks.resources.store
+import tasks.resources.store.claims
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
 from selfinstruct.cli import app
 from tasks.resources.llm.protocol import LLMError
+from tasks.resources.store.files import StoreFiles
 from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
@@ -59,7 +60,9 @@ def claims_of_an_exited_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     exited = subprocess.Popen(["true"])
     exited.wait()
-    monkeypatch.setattr(tasks.resources.store, "os", SimpleNamespace(getpid=lambda: exited.pid, kill=os.kill))
+    monkeypatch.setattr(
+        tasks.resources.store.claims, "os", SimpleNamespace(getpid=lambda: exited.pid, kill=os.kill)
+    )
 
 
 @pytest.fixture
@@ -216,7 +219,7 @@ def test_s3_frozen_during_the_manifest_write(
     `Expect: 100-continue` and aiohttp waits for the server's "100 Continue" with no read timeout. A reader
     during the outage gets an error, never a partial round; the round then commits exactly once."""
     moto, store_url = moto_s3
-    original = Store._exclusive_write
+    original = StoreFiles.exclusive_write
     timers: list[threading.Timer] = []
     reader_saw: list[object] = []
 
@@ -227,14 +230,14 @@ def test_s3_frozen_during_the_manifest_write(
             reader_saw.append(type(error).__name__)
         moto.resume()
 
-    def exclusive_write(self: Store, path: str, data: bytes) -> bool:
+    def exclusive_write(self: StoreFiles, path: str, data: bytes) -> bool:
         if path.endswith("/manifest.json"):
             moto.pause()
             timers.append(threading.Timer(0.5, read_then_resume))
             timers[-1].start()
         return original(self, path, data)
 
-    monkeypatch.setattr(Store, "_exclusive_write", exclusive_write)
+    monkeypatch.setattr(StoreFiles, "exclusive_write", exclusive_write)
     with ModelLikeFake() as fake:
         try:
             assert bootstrap_round(_params(store_url, fake.url))["round"] == 1
@@ -245,7 +248,7 @@ def test_s3_frozen_during_the_manifest_write(
         store = _s3_store(store_url)
         assert store.committed_rounds() == [1]
         assert_store_sound(store)
-        monkeypatch.setattr(Store, "_exclusive_write", original)
+        monkeypatch.setattr(StoreFiles, "exclusive_write", original)
         assert bootstrap_round(_params(store_url, fake.url))["round"] == 2
     assert_store_sound(store)
     print(f"\nmanifest PUT frozen: waited it out; a reader meanwhile got {reader_saw[0]}")
@@ -259,7 +262,8 @@ def test_s3_frozen_during_the_manifest_write(
 # manifest write, "committed" just after it.
 KILLER = r"""
 import os, signal, sys
-import tasks.round.records, tasks.resources.store
+import tasks.round.records
+import tasks.resources.store.completions, tasks.resources.store.files, tasks.resources.store.rounds
 
 point, _, k = os.environ["RELIABILITY_KILL_AT"].partition(":")
 k = int(k or 0)
@@ -289,7 +293,7 @@ elif point == "commit":
         return write_table(self, *args, **kwargs)
     tasks.resources.store.rounds.Store.write_table = counted_write
 elif point in ("manifest", "committed"):
-    exclusive_write = tasks.resources.store.rounds.Store._exclusive_write
+    exclusive_write = tasks.resources.store.files.StoreFiles.exclusive_write
     def around_manifest(self, path, data):
         if path.endswith("/manifest.json") and point == "manifest":
             die()
@@ -297,7 +301,7 @@ elif point in ("manifest", "committed"):
         if path.endswith("/manifest.json"):
             die()
         return written
-    tasks.resources.store.rounds.Store._exclusive_write = around_manifest
+    tasks.resources.store.files.StoreFiles.exclusive_write = around_manifest
 
 from selfinstruct.cli import main
 sys.argv = ["selfinstruct", *sys.argv[1:]]
