@@ -124,6 +124,8 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                 instances=instances,
                 rejected=filtered + dedup.rejected + unanswered + unusable,
                 completions=new + answers + outputs,
+                concurrency=llm_settings.llm_concurrency,
+                per_prompt_tokens=llm_settings.llm_token_ids,
             ),
             dedup.delta,
             config,

@@ -4,6 +4,7 @@ Each function takes and returns records; the flow in flows/bootstrap.py calls th
 """
 
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from tasks.round.generate import build_instruction_prompt, parse_instructions, s
 from tasks.round.instances import build_instance_prompt, parse_instances
 from tasks.round.pool import INDEX_FILE, VOCAB_FILE, IndexDelta, Pool, load_pool, pool_size
 from tasks.round.seeds import load_seeds
+from tasks.round.server_load import generation_load
 
 
 @dataclass(frozen=True)
@@ -344,10 +346,16 @@ class RoundResult:
     instances: list[InstanceRecord]
     rejected: list[RejectionRecord]
     completions: list[CompletionRecord]
+    concurrency: int | None = None  # HTTP requests kept in flight at most; None records no server load
+    per_prompt_tokens: bool = False  # the servers returned token ids: each record's prompt tokens are its own
 
 
 def write_round(
-    store: Store, result: RoundResult, delta: IndexDelta, config: BootstrapConfig
+    store: Store,
+    result: RoundResult,
+    delta: IndexDelta,
+    config: BootstrapConfig,
+    opened_at: float | None = None,
 ) -> RoundManifest:
     """Write the round's files, then its manifest last.
 
@@ -356,6 +364,8 @@ def write_round(
         result: The round's records and counts.
         delta: What dedup added to the pool index; only the finally accepted instructions are written.
         config: The round's config, recorded in the manifest.
+        opened_at: When this run opened the round (Unix time): the server load counts only the requests
+            sent since, and the round's wall time runs from it.
 
     Returns:
         The committed manifest.
@@ -389,6 +399,15 @@ def write_round(
         ),
         config=config,
         files=files,
+        load=None
+        if result.concurrency is None
+        else generation_load(
+            result.completions,
+            result.concurrency,
+            result.per_prompt_tokens,
+            since=opened_at,
+            round_wall_s=None if opened_at is None else max(0.0, time.time() - opened_at),
+        ),
     )
     store.commit(manifest)
     return manifest
@@ -421,6 +440,7 @@ class RoundContext:
     model: str
     rounds: list[int]
     pool_size_before: int
+    opened_at: float | None = None
 
 
 LATEST_ADAPTER = "latest"
@@ -482,6 +502,7 @@ def open_round(
         model=generation_model(config, settings, store),
         rounds=rounds,
         pool_size_before=pool_size(store, len(seeds), rounds),
+        opened_at=time.time(),
     )
 
 
@@ -515,4 +536,4 @@ def write_round_task(
     ctx: RoundContext, result: RoundResult, delta: IndexDelta, config: BootstrapConfig, settings: Settings
 ) -> RoundManifest:
     """Write the round's files and the dedup step's index delta, then the manifest last."""
-    return write_round(Store(ctx.store_url, settings), result, delta, config)
+    return write_round(Store(ctx.store_url, settings), result, delta, config, ctx.opened_at)

@@ -110,6 +110,7 @@ def commit_round(
     instances: Sequence[InstanceRecord] | None = None,
     rejected: Sequence[RejectionRecord] | None = None,
     *,
+    requests: Sequence[CompletionRecord] | None = None,
     run_id: str = "test-run",
     counts: dict[str, int] | None = None,
     **manifest_fields: Any,
@@ -128,6 +129,7 @@ def commit_round(
             ("instructions", instructions),
             ("instances", instances),
             ("rejected", rejected),
+            ("requests", requests),
         )
         if records is not None
     }
