@@ -5,7 +5,8 @@ stage at once, one client, the same prompts per request and requests in flight) 
 completion tokens/s is the server's measured maximum rate for this load, and the round's completion tokens
 at that rate is the least wall time the round could take.
 
-(a) the embedded llama.cpp server (SmolLM2-135M, 4 slots), 64 prompts (--quick: 16);
+(a) the embedded llama.cpp server (SmolLM2-135M, 4 slots), 64 prompts (--quick: 8, completions of at most
+    160 tokens);
 (b) the fake OpenAI server in its own process, with the latency of a batching GPU engine (tests/support/
     engine_latency.py), 2,000 prompts (--quick: 500), 16 prompts a request and 16 requests in flight.
 
@@ -57,7 +58,10 @@ from tests.support.engine_latency import BatchingLatency  # noqa: E402
 console = Console(width=200)
 PIPELINED = "pipelined" in BootstrapConfig.model_fields
 ENGINE = BatchingLatency(base_s=0.05, per_token_s=0.004, saturation=64.0)
-SIZES = {"a": {"full": 64, "quick": 16}, "b": {"full": 2000, "quick": 500}}
+SIZES = {"a": {"full": 64, "quick": 8}, "b": {"full": 2000, "quick": 500}}
+# --quick on the embedded server also cuts completions to this many tokens (instructions and instances), as
+# the end-to-end tests do: a default round of 8 prompts took 400-1000 s on the shared 2-core machine.
+QUICK_MAX_TOKENS = 160
 CLIENT = {"a": (8, 4), "b": (16, 16)}  # prompts per request, requests in flight
 
 
@@ -109,15 +113,24 @@ def server(part: str, store_dir: Path) -> Iterator[str]:
             yield url
 
 
-def run_round(part: str, mode: str, prompts: int) -> tuple[Row, list[CompletionRecord], BootstrapConfig]:
+def round_config(part: str, mode: str, prompts: int, quick: bool) -> BootstrapConfig:
+    """The round's config: the defaults, the size, the mode, and shorter completions for a quick (a)."""
+    config = BootstrapConfig()
+    update: dict[str, object] = {"prompts_per_round": prompts}
+    if PIPELINED:
+        update["pipelined"] = mode == "pipelined"
+    if quick and part == "a":
+        for name in ("instruction_sampling", "instance_sampling"):
+            sampling: SamplingParams = getattr(config, name)
+            update[name] = sampling.model_copy(update={"max_tokens": QUICK_MAX_TOKENS})
+    return config.model_copy(update=update)
+
+
+def run_round(part: str, mode: str, config: BootstrapConfig) -> tuple[Row, list[CompletionRecord]]:
     from flows.bootstrap import bootstrap_round
 
     store_dir = Path(tempfile.mkdtemp(prefix=f"bench-round-{part}-{mode}-"))
     atexit.register(shutil.rmtree, store_dir, ignore_errors=True)
-    update: dict[str, object] = {"prompts_per_round": prompts}
-    if PIPELINED:
-        update["pipelined"] = mode == "pipelined"
-    config = BootstrapConfig().model_copy(update=update)
     batch, concurrency = CLIENT[part]
     os.environ["SELFINSTRUCT_LLM_BATCH_SIZE"] = str(batch)
     os.environ["SELFINSTRUCT_LLM_CONCURRENCY"] = str(concurrency)
@@ -142,7 +155,7 @@ def run_round(part: str, mode: str, prompts: int) -> tuple[Row, list[CompletionR
         load.completion_tokens,
         sum(s.requests for s in load.stages.values()),
     )
-    return row, records, config
+    return row, records
 
 
 async def replay(
@@ -189,7 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="16 prompts in (a), 500 in (b)")
+    parser.add_argument("--quick", action="store_true", help="8 short prompts in (a), 500 in (b)")
     parser.add_argument("--only", choices=["a", "b"], help="Run one part only.")
     args = parser.parse_args()
     size = "quick" if args.quick else "full"
@@ -204,9 +217,10 @@ def main() -> None:
         table.add_column(column, justify="right")
     for part in [p for p in ("a", "b") if args.only in (None, p)]:
         prompts = SIZES[part][size]
-        runs = [run_round(part, mode, prompts) for mode in modes]
-        rate, bound = lower_bound(part, runs[0][1], runs[0][2])
-        for row, _, _ in runs:
+        configs = [round_config(part, mode, prompts, args.quick) for mode in modes]
+        runs = [run_round(part, mode, config) for mode, config in zip(modes, configs, strict=True)]
+        rate, bound = lower_bound(part, runs[0][1], configs[0])
+        for row, _ in runs:
             table.add_row(
                 f"({part}) {'embedded llama.cpp' if part == 'a' else 'fake batching engine'}",
                 row.mode,

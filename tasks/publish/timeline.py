@@ -99,7 +99,7 @@ def timeline_svg(spans: Sequence[RequestSpan], concurrency: int, busy_fraction: 
         f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{line_y:.2f}" y2="{line_y:.2f}" stroke="black" '
         'stroke-dasharray="4 3"/>'
     )
-    parts.append(f'<text x="{LEFT + plot_w + 4}" y="{line_y + 4:.2f}">concurrency {concurrency}</text>')
+    parts.append(f'<text x="{LEFT + 4}" y="{line_y - 3:.2f}">concurrency {concurrency}</text>')
     axis = (
         f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{TOP + plot_h}" y2="{TOP + plot_h}" stroke="#444"/>'
         f'<line x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{TOP + plot_h}" stroke="#444"/>'
@@ -120,7 +120,7 @@ def timeline_svg(spans: Sequence[RequestSpan], concurrency: int, busy_fraction: 
         f'transform="rotate(-90 12 {TOP + plot_h / 2})">requests in flight</text>'
     )
     for i, stage in enumerate(stages):
-        legend_y = TOP + 40 + 16 * i
+        legend_y = TOP + 10 + 16 * i
         colour = STAGE_COLOURS.get(stage, OTHER_COLOUR)
         parts.append(
             f'<rect x="{LEFT + plot_w + 4}" y="{legend_y - 9}" width="10" height="10" fill="{colour}"/>'
