@@ -83,5 +83,8 @@ def test_killed_round_is_redone_without_paying_twice(prefect_server: None, tmp_p
     resent = _instruction_prompts(fake, received_before)
     assert not set(resent) & cached, "a completion persisted before the crash was requested again"
     assert len(resent) == PROMPTS - len(cached)
+    # The server load counts what the committing run sent, not the completions it reused.
+    load = store.read_manifest(1).load
+    assert load is not None and load.stages["instruction"].prompts == len(resent)
     requests = store.read_table(1, "requests").to_pylist()
     assert {r["prompt"] for r in requests if r["stage"] == "instruction"} >= cached
