@@ -143,14 +143,16 @@ class StageLoad(BaseModel):
         "that overlap each count their whole span.",
     )
     prompt_tokens: int = Field(
-        ge=0, description="Prompt tokens of those requests, as the servers reported them."
+        ge=0,
+        description="Prompt tokens of those requests as the servers reported them (llama.cpp reports a "
+        "list of prompts' first prompt only).",
     )
     completion_tokens: int = Field(ge=0)
     cached_prompt_tokens: int | None = Field(
         default=None,
         ge=0,
-        description="Prompt tokens served from the servers' prompt caches; None when no "
-        "server reported them (llama.cpp reports a list of prompts' first prompt only).",
+        description="Prompt tokens served from the servers' prompt caches (llama.cpp: of a list's first "
+        "prompt only); None when no server reported them.",
     )
 
 
