@@ -115,4 +115,5 @@ def test_status_shows_how_busy_each_round_kept_the_server(store_dir: Path) -> No
     factories.commit_round(store, [], [], [], load=load)
     code, output = _invoke("status", "--store", str(store_dir))
     assert code == 0 and "62%" in output
-    assert [line.split()[-2] for line in output.splitlines() if line.startswith(("│ 1", "│ 2"))] == ["-", "62%"]
+    rows = [line.split() for line in output.splitlines() if line.startswith(("│ 1", "│ 2"))]
+    assert [row[-2] for row in rows] == ["-", "62%"]
