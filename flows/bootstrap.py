@@ -1,5 +1,6 @@
 """One Self-Instruct bootstrap round as a Prefect flow."""
 
+import dataclasses
 import uuid
 from contextlib import nullcontext
 
@@ -71,7 +72,12 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
             run_stages = run_pipelined if config.pipelined else run_staged
             outputs = run_stages(ctx, config, settings, generation)
 
-        manifest = write_round_task(ctx, outputs.result(ctx), outputs.delta, config, settings)
+        result = dataclasses.replace(
+            outputs.result(ctx),
+            concurrency=generation.settings.llm_concurrency,
+            per_prompt_tokens=generation.settings.llm_token_ids,
+        )
+        manifest = write_round_task(ctx, result, outputs.delta, config, settings)
         publish_round(store, manifest, outputs.instructions, outputs.instances)
         # The event goes out before the report, so a plotting error cannot hold back a fine-tune.
         emit_data_ready_if_due(store, params.data_ready_threshold)

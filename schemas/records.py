@@ -126,6 +126,60 @@ class FileEntry(BaseModel):
     bytes: int = Field(ge=0)
 
 
+class StageLoad(BaseModel):
+    """What one stage of a round asked of the LLM servers: HTTP requests, tokens and wall time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(
+        ge=0,
+        description="HTTP requests this run sent (completions reused from the cache "
+        "and prompts refused alone are not counted).",
+    )
+    prompts: int = Field(ge=0, description="Prompts those requests carried.")
+    wall_s: float = Field(
+        ge=0.0,
+        description="First send to last receive of the stage's requests; stages "
+        "that overlap each count their whole span.",
+    )
+    prompt_tokens: int = Field(
+        ge=0,
+        description="Prompt tokens of those requests as the servers reported them (llama.cpp reports a "
+        "list of prompts' first prompt only).",
+    )
+    completion_tokens: int = Field(ge=0)
+    cached_prompt_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Prompt tokens served from the servers' prompt caches (llama.cpp: of a list's first "
+        "prompt only); None when no server reported them.",
+    )
+
+
+class GenerationLoad(BaseModel):
+    """How busy a round kept the LLM servers, from its requests' send and receive times."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    concurrency: int = Field(ge=1, description="HTTP requests the client kept in flight at most.")
+    started_at: float = Field(
+        description="When the first request counted here was sent (Unix time); "
+        "requests.parquet rows sent earlier are completions reused from a crashed run."
+    )
+    per_prompt_tokens: bool = Field(
+        default=False, description="Each request's prompts carried their own prompt-token counts (token ids)."
+    )
+    round_wall_s: float | None = Field(default=None, ge=0.0, description="Round opened to committed.")
+    wall_s: float = Field(ge=0.0, description="Generation: first request sent to last answer received.")
+    busy_fraction: float = Field(
+        ge=0.0, le=1.0, description="Share of `wall_s` during which `concurrency` requests were in flight."
+    )
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    cached_prompt_tokens: int | None = Field(default=None, ge=0)
+    stages: dict[str, StageLoad] = Field(default_factory=dict, description="By stage, in the order sent.")
+
+
 class RoundManifest(BaseModel):
     """Written last: a round exists exactly when its manifest does."""
 
@@ -140,3 +194,8 @@ class RoundManifest(BaseModel):
     counts: dict[str, int] = Field(description="generated, kept, instances, rejected:<reason>, ...")
     config: BootstrapConfig
     files: dict[str, FileEntry]
+    load: GenerationLoad | None = Field(
+        default=None,
+        description="Generation wall time, tokens and server busy fraction; None for rounds "
+        "committed before it was recorded, or with no request sent in the committing run.",
+    )

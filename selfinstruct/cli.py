@@ -238,7 +238,8 @@ def status(store: Annotated[str | None, typer.Option(help="Store root URL.")] = 
     except StoreError as error:
         fail(f"{error}; run `selfinstruct verify`")
     table = Table(title=f"Committed rounds in {store_obj.location(1).rsplit('/rounds/', 1)[0]}")
-    for column in ("round", "committed at", "model", "kept", "classification", "instances", "rejected"):
+    columns = ("round", "committed at", "model", "kept", "classification", "instances", "rejected")
+    for column in (*columns, "server busy"):
         table.add_column(column)
     for number, manifest in zip(rounds, manifests, strict=True):
         counts = manifest.counts
@@ -251,6 +252,7 @@ def status(store: Annotated[str | None, typer.Option(help="Store root URL.")] = 
             str(counts.get("classification", 0)),
             str(counts.get("instances", 0)),
             str(rejected),
+            "-" if manifest.load is None else f"{manifest.load.busy_fraction:.0%}",
         )
     console.print(table)
     if not rounds:

@@ -37,6 +37,14 @@ def counts_rows(counts: dict[str, int]) -> list[dict[str, str | int]]:
     return rows
 
 
+def load_summary(manifest: RoundManifest) -> str:
+    """'; LLM server busy 87% of 123 s of generation', or '' for a round with no recorded load."""
+    if manifest.load is None:
+        return ""
+    load = manifest.load
+    return f"; LLM server busy {load.busy_fraction:.0%} of {load.wall_s:.0f} s of generation"
+
+
 def samples_markdown(
     number: int,
     instructions: list[InstructionRecord],
@@ -99,7 +107,8 @@ def publish_round(
     create_table_artifact(
         table=counts_rows(manifest.counts),
         key=COUNTS_KEY,
-        description=f"Round {manifest.round} of {redact_url(store.url)}: counts per stage and reason",
+        description=f"Round {manifest.round} of {redact_url(store.url)}: counts per stage and reason"
+        + load_summary(manifest),
     )
     create_markdown_artifact(
         markdown=samples_markdown(manifest.round, instructions, instances, seed=manifest.round),

@@ -1,240 +1,30 @@
-"""A self-contained HTML report of one bootstrap round: the statistics of section 3 of Wang et al. (2022).
+"""A round's self-contained HTML report: drawn from its statistics, written into the store, linked in the UI.
 
-Pure functions compute the statistics from plain values; `render_html` draws them with matplotlib into
-one HTML file with inline images; `publish_report` writes it into the store and links it from the UI.
+The statistics come from tasks/publish/report_stats.py; `render_html` draws them (matplotlib plots and the
+requests timeline, all inline SVG) into the page template tasks/publish/report.html; `publish_report` writes
+the page into the round's folder and links it from a Prefect artifact.
 """
 
 import base64
 import html
 import io
-import math
-import re
-from collections import Counter
+import string
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from schemas import RoundManifest
 from schemas.audit import AuditManifest
+from tasks.publish.report_stats import ROUGE_BINS, RoundReport, build_report, histogram, summary
+from tasks.publish.timeline import timeline_svg
 from tasks.resources.redact import redact_url
 from tasks.resources.store.rounds import Store
 
 REPORT_KEY = "selfinstruct-round-report"
 REPORT_FILE = "report.html"
-ROUGE_BINS = 20
-
-# Words that sit between a verb and its object without being the object: articles, pronouns,
-# quantifiers, prepositions and the adjectives instructions use most ("the following", "a short").
-NOT_OBJECTS = frozenset(
-    (  # noqa: SIM905 - a word list reads better as text
-        "a an the this that these those me us him her them it you my your our their its his some any all "
-        "each every one two three four five six seven eight nine ten few several many more most of to for "
-        "with in on at from by about as into and or out up down following given new short brief simple "
-        "single other same different whether if how what which who why when where whose best good"
-    ).split()
-)
-# Leading words that are not the instruction's verb; the verb is the next word.
-LEAD_IN = frozenset({"please", "now", "then", "also", "just", "kindly"})
-
-
-# -- pure statistics -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GrowthPoint:
-    """The pool before and after one committed round."""
-
-    round: int
-    pool_before: int
-    kept: int
-    instances: int
-
-    @property
-    def pool_after(self) -> int:
-        """Pool size once the round's instructions joined it."""
-        return self.pool_before + self.kept
-
-
-def pool_growth(manifests: Iterable[RoundManifest]) -> list[GrowthPoint]:
-    """Pool size and what each round added, in round order."""
-    return [
-        GrowthPoint(m.round, m.pool_size_before, m.counts.get("kept", 0), m.counts.get("instances", 0))
-        for m in sorted(manifests, key=lambda m: m.round)
-    ]
-
-
-def histogram(
-    values: Sequence[float], bins: int = ROUGE_BINS, low: float = 0.0, high: float = 1.0
-) -> list[int]:
-    """Counts of `values` in `bins` equal bins over [low, high]; `high` itself falls in the last bin.
-
-    Values outside the range are clipped into the first or last bin.
-    """
-    counts = [0] * bins
-    for value in values:
-        # Multiply rather than divide by the bin width: 0.7 // 0.05 is 13 in floating point, 0.7 * 20 is 14.
-        index = math.floor((value - low) * bins / (high - low))
-        counts[min(max(index, 0), bins - 1)] += 1
-    return counts
-
-
-def word_count(text: str) -> int:
-    """Number of whitespace-separated words, as the paper's length statistics count them."""
-    return len(text.split())
-
-
-def rejections_by_reason(rows: Iterable[tuple[str, str]]) -> list[tuple[str, int]]:
-    """`stage: reason` labels with their counts, most frequent first (ties by label).
-
-    Args:
-        rows: (stage, reason) of each rejected item.
-    """
-    counts = Counter(f"{stage}: {reason}" for stage, reason in rows)
-    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-
-
-def verb_and_object(instruction: str) -> tuple[str | None, str | None]:
-    """The leading verb of an instruction and the first noun-ish word after it.
-
-    A heuristic stand-in for the paper's dependency parse: the first word is taken as the verb (after
-    "please" and the like), and the object is the next word that is not an article, pronoun,
-    quantifier, preposition, number or -ly adverb. Instructions that start as a question or with a
-    clause ("Given ...", "What ...", "If ...") have no verb in this sense.
-    """
-    words = re.findall(r"[a-z]+(?:'[a-z]+)?", instruction.lower())
-    while words and words[0] in LEAD_IN:
-        words = words[1:]
-    if not words or words[0] in NOT_OBJECTS or words[0] in {"is", "are", "do", "does", "can", "given", "i"}:
-        return None, None
-    verb, rest = words[0], words[1:]
-    for word in rest:
-        if word not in NOT_OBJECTS and not word.endswith("ly") and "'" not in word:
-            return verb, word
-    return verb, None
-
-
-@dataclass(frozen=True)
-class VerbStats:
-    """A frequent leading verb, how often it leads, and its most common objects."""
-
-    verb: str
-    count: int
-    objects: list[tuple[str, int]]
-
-
-def top_verbs(instructions: Iterable[str], verbs: int = 20, objects: int = 4) -> list[VerbStats]:
-    """The most common leading verbs and, for each, its most common direct objects.
-
-    Args:
-        instructions: Instruction texts.
-        verbs: How many verbs to keep.
-        objects: How many objects to keep per verb.
-    """
-    verb_counts: Counter[str] = Counter()
-    object_counts: dict[str, Counter[str]] = {}
-    for text in instructions:
-        verb, noun = verb_and_object(text)
-        if verb is None:
-            continue
-        verb_counts[verb] += 1
-        if noun is not None:
-            object_counts.setdefault(verb, Counter())[noun] += 1
-    ranked = sorted(verb_counts.items(), key=lambda item: (-item[1], item[0]))[:verbs]
-    return [
-        VerbStats(
-            verb,
-            count,
-            sorted(object_counts.get(verb, Counter()).items(), key=lambda i: (-i[1], i[0]))[:objects],
-        )
-        for verb, count in ranked
-    ]
-
-
-def summary(values: Sequence[int]) -> dict[str, float]:
-    """n, mean, median and max of a list of lengths (zeros when empty)."""
-    if not values:
-        return {"n": 0, "mean": 0.0, "median": 0.0, "max": 0}
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return {"n": len(values), "mean": sum(values) / len(values), "median": float(median), "max": ordered[-1]}
-
-
-@dataclass
-class RoundReport:
-    """Everything the report shows, as plain values."""
-
-    store_url: str
-    round: int
-    counts: dict[str, int]
-    rouge_threshold: float
-    growth: list[GrowthPoint]
-    rouge_kept: list[float]  # candidates that passed dedup
-    rouge_rejected: list[float]  # candidates rejected as too similar
-    instruction_words: list[int]
-    input_words: list[int]  # non-empty inputs only
-    empty_inputs: int
-    output_words: list[int]
-    rejections: list[tuple[str, int]]
-    verbs: list[VerbStats] = field(default_factory=list)
-    audit: AuditManifest | None = None  # the newest quality audit of the round, when there is one
-
-
-def build_report(
-    store_url: str,
-    manifests: Sequence[RoundManifest],
-    number: int,
-    instructions: Sequence[dict[str, Any]],
-    instances: Sequence[dict[str, Any]],
-    rejected: Sequence[dict[str, Any]],
-) -> RoundReport:
-    """Compute a round's statistics from its rows.
-
-    Args:
-        store_url: Where the store is (shown in the header).
-        manifests: Manifests of the committed rounds up to and including `number`.
-        number: The round reported on.
-        instructions, instances, rejected: Rows of the round's Parquet files (as dicts).
-
-    Returns:
-        The report's values. ROUGE-L of candidates that passed dedup but lost every instance afterwards
-        (rejection rows carrying max_rouge outside the dedup stage) counts with the kept ones, because
-        dedup accepted them.
-
-    Raises:
-        ValueError: When `manifests` lacks round `number`.
-    """
-    manifest = next((m for m in manifests if m.round == number), None)
-    if manifest is None:
-        raise ValueError(f"no manifest of round {number} among those given")
-    rouge_kept = [float(r["max_rouge"]) for r in instructions if r.get("max_rouge") is not None]
-    rouge_kept += [
-        float(r["max_rouge"]) for r in rejected if r["stage"] != "dedup" and r.get("max_rouge") is not None
-    ]
-    inputs = [str(r["input"] or "") for r in instances]
-    return RoundReport(
-        store_url=store_url,
-        round=number,
-        counts=dict(manifest.counts),
-        rouge_threshold=manifest.config.rouge_threshold,
-        growth=pool_growth(m for m in manifests if m.round <= number),
-        rouge_kept=rouge_kept,
-        rouge_rejected=[
-            float(r["max_rouge"])
-            for r in rejected
-            if r["stage"] == "dedup" and r.get("max_rouge") is not None
-        ],
-        instruction_words=[word_count(r["instruction"]) for r in instructions],
-        input_words=[word_count(text) for text in inputs if text.strip()],
-        empty_inputs=sum(1 for text in inputs if not text.strip()),
-        output_words=[word_count(str(r["output"] or "")) for r in instances],
-        rejections=rejections_by_reason((r["stage"], r["reason"]) for r in rejected),
-        verbs=top_verbs(r["instruction"] for r in instructions),
-    )
-
+TEMPLATE = "report.html"  # beside this module; the page's $placeholders are filled by `render_html`
 
 # -- rendering -------------------------------------------------------------------------------------
 
@@ -395,22 +185,56 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 64em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
-td, th { border: 1px solid #ddd; padding: 0.2em 0.6em; text-align: left; }
-img { max-width: 100%; } .note { color: #666; font-size: 0.9em; }
-"""
+def load_section(report: RoundReport) -> str:
+    """HTML of the server-load section: the requests timeline and wall time and tokens per stage."""
+    load = report.load
+    if load is None:
+        return '<p class="note">not recorded for this round</p>'
+    rows: list[tuple[object, ...]] = [
+        (
+            stage,
+            s.requests,
+            s.prompts,
+            f"{s.wall_s:.1f}",
+            s.prompt_tokens,
+            "-" if s.cached_prompt_tokens is None else s.cached_prompt_tokens,
+            s.completion_tokens,
+        )
+        for stage, s in load.stages.items()
+    ]
+    cached = "-" if load.cached_prompt_tokens is None else load.cached_prompt_tokens
+    rows.append(("all", "", "", f"{load.wall_s:.1f}", load.prompt_tokens, cached, load.completion_tokens))
+    round_wall = (
+        "" if load.round_wall_s is None else f"; the round took {load.round_wall_s:.1f} s from open to commit"
+    )
+    return "\n".join(
+        [
+            f'<p class="note">Server busy: {load.concurrency} requests (the full concurrency) were in flight '
+            f"{load.busy_fraction:.0%} of the {load.wall_s:.1f} s from the first request sent to the last "
+            f"answer received{round_wall}. Wall time of a stage: its first send to its last receive (stages "
+            "may overlap).</p>",
+            timeline_svg(report.requests, load.concurrency, load.busy_fraction),
+            _table(
+                [
+                    "stage",
+                    "requests",
+                    "prompts",
+                    "wall s",
+                    "prompt tokens",
+                    "cached prompt tokens",
+                    "completion tokens",
+                ],
+                rows,
+            ),
+        ]
+    )
 
 
 def render_html(report: RoundReport) -> str:
-    """The report as one self-contained HTML page (plots inline as SVG data URIs, no external resources)."""
-    uris = {
-        "growth": _figure_uri(_growth_figure(report)),
-        "rouge": _figure_uri(_rouge_figure(report)),
-        "lengths": _figure_uri(_lengths_figure(report)),
-    }
+    """The report as one self-contained HTML page (plots inline as SVG, no external resources).
+
+    The page is tasks/publish/report.html with its `$name` placeholders filled; every value is escaped here.
+    """
     rejections_plot = (
         f'<img alt="rejections" src="{_figure_uri(_rejections_figure(report))}">'
         if report.rejections
@@ -426,50 +250,39 @@ def render_html(report: RoundReport) -> str:
         ("non-empty input", summary(report.input_words)),
         ("output", summary(report.output_words)),
     ]
-    title = f"Self-Instruct round {report.round}"
-    parts = [
-        "<!DOCTYPE html>",
-        f'<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f'<p class="note">store {html.escape(report.store_url)}</p>',
-        "<h2>Counts</h2>",
-        _table(["count", "value"], sorted(report.counts.items())),
-        "<h2>Pool growth</h2>",
-        f'<img alt="pool growth" src="{uris["growth"]}">',
-        _table(
+    template = string.Template(
+        resources.files("tasks.publish").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    )
+    return template.substitute(
+        title=html.escape(f"Self-Instruct round {report.round}"),
+        store=html.escape(report.store_url),
+        counts_table=_table(["count", "value"], sorted(report.counts.items())),
+        load=load_section(report),
+        growth_plot=_figure_uri(_growth_figure(report)),
+        growth_table=_table(
             ["round", "pool before", "kept", "pool after", "instances"],
             [(p.round, p.pool_before, p.kept, p.pool_after, p.instances) for p in report.growth],
         ),
-        "<h2>ROUGE-L similarity of new instructions to the pool</h2>",
-        f'<p class="note">Max ROUGE-L F of each candidate against the whole pool; candidates above '
-        f"{report.rouge_threshold} (dashed line) are rejected. Cf. Figure 3 of Wang et al. (2022).</p>",
-        f'<img alt="ROUGE-L histogram" src="{uris["rouge"]}">',
-        "<h2>Lengths</h2>",
-        f'<img alt="length distributions" src="{uris["lengths"]}">',
-        _table(
+        rouge_threshold=html.escape(str(report.rouge_threshold)),
+        rouge_plot=_figure_uri(_rouge_figure(report)),
+        lengths_plot=_figure_uri(_lengths_figure(report)),
+        lengths_table=_table(
             ["text", "n", "mean words", "median", "max"],
             [(name, s["n"], f"{s['mean']:.1f}", f"{s['median']:g}", s["max"]) for name, s in lengths],
         ),
-        f'<p class="note">{report.empty_inputs} instances have an empty input.</p>',
-        "<h2>Rejections per reason</h2>",
-        rejections_plot,
-        _table(["stage: reason", "count"], report.rejections),
-        *audit_section(report.audit),
-        "<h2>Leading verbs and their direct objects</h2>",
-        '<p class="note">Heuristic: first word as the verb, next noun-ish word as its object. '
-        "Cf. Figure 2 of Wang et al. (2022).</p>",
-        verbs_plot,
-        _table(
+        empty_inputs=report.empty_inputs,
+        rejections_plot=rejections_plot,
+        rejections_table=_table(["stage: reason", "count"], report.rejections),
+        audit="\n".join(audit_section(report.audit)),
+        verbs_plot=verbs_plot,
+        verbs_table=_table(
             ["verb", "count", "top objects"],
             [
                 (v.verb, v.count, ", ".join(f"{noun} ({count})" for noun, count in v.objects))
                 for v in report.verbs
             ],
         ),
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    )
 
 
 # -- store and Prefect -----------------------------------------------------------------------------
@@ -500,6 +313,7 @@ def load_report(store: Store, number: int | None = None) -> RoundReport:
         store.read_table(number, "instructions").to_pylist(),
         store.read_table(number, "instances").to_pylist(),
         store.read_table(number, "rejected").to_pylist(),
+        store.read_table(number, "requests").to_pylist() if manifests[-1].load is not None else (),
     )
     audits = read_audits(store, number)
     report.audit = audits[-1] if audits else None

@@ -1,5 +1,6 @@
 """Committing a round: its counts, and its Parquet files written before the manifest that makes it exist."""
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from schemas import (
 from tasks.resources.store.records import records_to_table
 from tasks.resources.store.rounds import Store
 from tasks.round.pool import INDEX_FILE, VOCAB_FILE, IndexDelta
+from tasks.round.server_load import generation_load
 
 
 def round_counts(
@@ -52,10 +54,16 @@ class RoundResult:
     instances: list[InstanceRecord]
     rejected: list[RejectionRecord]
     completions: list[CompletionRecord]
+    concurrency: int | None = None
+    per_prompt_tokens: bool = False
 
 
 def write_round(
-    store: Store, result: RoundResult, delta: IndexDelta, config: BootstrapConfig
+    store: Store,
+    result: RoundResult,
+    delta: IndexDelta,
+    config: BootstrapConfig,
+    opened_at: float | None = None,
 ) -> RoundManifest:
     """Write the round's files, then its manifest last.
 
@@ -97,6 +105,15 @@ def write_round(
         ),
         config=config,
         files=files,
+        load=None
+        if result.concurrency is None
+        else generation_load(
+            result.completions,
+            result.concurrency,
+            result.per_prompt_tokens,
+            since=opened_at,
+            round_wall_s=None if opened_at is None else max(0.0, time.time() - opened_at),
+        ),
     )
     store.commit(manifest)
     return manifest

@@ -3,6 +3,7 @@
 The executions in `tasks.round.stages` (staged) and `tasks.round.pipeline` (pipelined) call them in order.
 """
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class RoundContext:
     model: str
     rounds: list[int]
     pool_size_before: int
+    opened_at: float | None = None
 
 
 LATEST_ADAPTER = "latest"
@@ -101,6 +103,7 @@ def open_round(
         model=generation_model(config, settings, store),
         rounds=rounds,
         pool_size_before=pool_size(store, len(seeds), rounds),
+        opened_at=time.time(),
     )
 
 
@@ -134,4 +137,4 @@ def write_round_task(
     ctx: RoundContext, result: RoundResult, delta: IndexDelta, config: BootstrapConfig, settings: Settings
 ) -> RoundManifest:
     """Write the round's files and the dedup step's index delta, then the manifest last."""
-    return write_round(Store(ctx.store_url, settings), result, delta, config)
+    return write_round(Store(ctx.store_url, settings), result, delta, config, ctx.opened_at)

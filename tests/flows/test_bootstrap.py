@@ -56,6 +56,14 @@ def test_two_rounds_on_the_embedded_model(prefect_server: None, embedded_llm: st
     assert manifest.config.pipelined  # the default: the stages overlapped
     verified = CliRunner().invoke(app, ["verify", "--store", store_url])
     assert verified.exit_code == 0, verified.output
+    # How busy the round kept the server, from the requests' send and receive times.
+    load = manifest.load
+    assert load is not None and load.concurrency >= 1 and 0.0 <= load.busy_fraction <= 1.0
+    assert list(load.stages) == ["instruction", "classify", "instance"]
+    assert load.completion_tokens == sum(s.completion_tokens for s in load.stages.values()) >= 1
+    sent = {r for r in requests.column("request_id").to_pylist() if r}  # "": refused without a request
+    assert sum(s.requests for s in load.stages.values()) == len(sent)
+    assert load.round_wall_s is not None and load.round_wall_s >= load.wall_s > 0
 
     second = bootstrap_round(params)
     assert second["round"] == 2

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tasks.training.register import register_with_vllm
 
 from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, Settings
@@ -14,6 +13,7 @@ from tasks.round.pool import load_pool
 from tasks.round.records import plan_instruction_prompts
 from tasks.round.seeds import load_seeds
 from tasks.round.steps import generation_model
+from tasks.training.register import register_with_vllm
 from tests.support.fake_openai import VLLMMode, words
 from tests.support.model_like import ModelLikeFake
 

@@ -82,5 +82,9 @@ def test_killed_round_is_redone_without_paying_twice(prefect_server: None, tmp_p
     sent = _prompts(fake, received_before)
     assert not set(sent) & {row["prompt"] for row in persisted}, "a persisted completion was requested again"
     assert len(_prompts(fake, received_before, max_tokens=1024)) == PROMPTS - len(cached)
+    # The server load counts what the committing run sent, not the completions it reused.
+    load = store.read_manifest(1).load
+    assert load is not None
+    assert load.stages["instruction"].prompts == len(_prompts(fake, received_before, max_tokens=1024))
     requests = store.read_table(1, "requests").to_pylist()
     assert {r["prompt"] for r in requests if r["stage"] == "instruction"} >= cached

@@ -50,9 +50,9 @@ def _rows(store: Store, name: str) -> list[dict[str, Any]]:
 
 
 def _manifest(store: Store) -> dict[str, Any]:
-    """The manifest without what differs between runs: run id, time, the execution mode, and the checksum
-    and size of requests.parquet (its per-run columns)."""
-    manifest = store.read_manifest(1).model_dump(mode="json", exclude={"run_id", "created_at"})
+    """The manifest without what differs between runs: run id, time, the execution mode, the server load
+    (timings), and the checksum and size of requests.parquet (its per-run columns)."""
+    manifest = store.read_manifest(1).model_dump(mode="json", exclude={"run_id", "created_at", "load"})
     del manifest["config"]["pipelined"]
     manifest["files"]["requests.parquet"] = manifest["files"]["requests.parquet"]["rows"]
     return manifest

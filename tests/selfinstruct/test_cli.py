@@ -100,3 +100,20 @@ def test_no_llm_url_means_the_embedded_server_and_nothing_to_preflight() -> None
     from selfinstruct.cli import check_llm_servers
 
     assert check_llm_servers([], "smollm2-135m-instruct", Settings()) is None
+
+
+def test_status_shows_how_busy_each_round_kept_the_server(store_dir: Path) -> None:
+    from schemas.records import GenerationLoad
+    from tasks.resources.store.rounds import Store
+    from tests.support import factories
+
+    store = Store(str(store_dir))
+    factories.commit_round(store, [], [], [])  # committed before loads were recorded
+    load = GenerationLoad(
+        concurrency=4, started_at=1.0, wall_s=10.0, busy_fraction=0.625, prompt_tokens=1, completion_tokens=1
+    )
+    factories.commit_round(store, [], [], [], load=load)
+    code, output = _invoke("status", "--store", str(store_dir))
+    assert code == 0 and "62%" in output
+    rows = [line.split() for line in output.splitlines() if line.startswith(("│ 1", "│ 2"))]
+    assert [row[-2] for row in rows] == ["-", "62%"]

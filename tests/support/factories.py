@@ -111,6 +111,7 @@ def commit_round(
     instances: Sequence[InstanceRecord] | None = None,
     rejected: Sequence[RejectionRecord] | None = None,
     *,
+    requests: Sequence[CompletionRecord] | None = None,
     run_id: str = "test-run",
     counts: dict[str, int] | None = None,
     **manifest_fields: Any,
@@ -129,6 +130,7 @@ def commit_round(
             ("instructions", instructions),
             ("instances", instances),
             ("rejected", rejected),
+            ("requests", requests),
         )
         if records is not None
     }

@@ -35,6 +35,8 @@ from typing import Any, Literal, get_args
 
 from aiohttp import web
 
+from tests.support.engine_latency import BatchingLatency
+
 Fault = Literal["500", "429", "hang", "close", "malformed", "empty", "length", "400", "drop_choice", "501"]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
 
@@ -175,6 +177,7 @@ class FakeOpenAI:
         context_length: int | None = None,
         responder: Callable[[str], str] | None = None,
         vllm: VLLMMode | None = None,
+        batching: BatchingLatency | None = None,
     ) -> None:
         """Configure the server (nothing is bound until `start`).
 
@@ -194,6 +197,8 @@ class FakeOpenAI:
                 sequences still cut it.
             vllm: Enforce vLLM's limits and semantics (see `VLLMMode`); the served names are `models`
                 (default "fake-model") plus the adapters loaded at runtime.
+            batching: Answer after a batching engine's latency (rising with the prompts in flight), on
+                top of `latency_s`; None: `latency_s` alone.
         """
         if vllm is not None and (shuffle_choices or per_choice_usage):
             raise ValueError("vLLM answers choices in prompt order with one request-level usage")
@@ -207,6 +212,8 @@ class FakeOpenAI:
         self.shuffle_choices = shuffle_choices
         self.per_choice_usage = per_choice_usage
         self.vllm = vllm
+        self.batching = batching
+        self.prompts_in_flight = 0
         if vllm is not None and models is None:
             self.models = ("fake-model",)
         self.adapters: dict[str, str] = {}
@@ -525,6 +532,13 @@ class FakeOpenAI:
         if fault == "malformed":
             return web.Response(text='{"choices": [{"text": "unterminated', content_type="application/json")
         result = self._result(body, prompts, fault)
+        if self.batching is not None:
+            self.prompts_in_flight += len(prompts)
+            try:
+                longest = max((len(words(c["text"])) for c in result["choices"]), default=0)
+                await asyncio.sleep(self.batching.latency(longest, self.prompts_in_flight))
+            finally:
+                self.prompts_in_flight -= len(prompts)
         if request.path.endswith("/chat/completions"):
             result["object"] = "chat.completion"
             for choice in result["choices"]:
@@ -606,11 +620,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--latency", type=float, default=0.0, help="Seconds before every answer.")
     parser.add_argument("--vllm", action="store_true", help="Enforce vLLM's limits (VLLMMode defaults).")
+    parser.add_argument(
+        "--batching", type=BatchingLatency.parse, default=None, help="BASE_S,PER_TOKEN_S,SATURATION"
+    )
     for name in FAULTS:
         parser.add_argument(f"--p-{name.replace('_', '-')}", type=float, default=0.0)
     args = parser.parse_args(argv)
     faults = FaultConfig(**{f"p_{n}": getattr(args, f"p_{n}") for n in FAULTS})
-    fake = FakeOpenAI(latency_s=args.latency, faults=faults, vllm=VLLMMode() if args.vllm else None)
+    fake = FakeOpenAI(
+        latency_s=args.latency, faults=faults, vllm=VLLMMode() if args.vllm else None, batching=args.batching
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

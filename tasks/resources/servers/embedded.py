@@ -18,11 +18,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tasks.resources.processes import port_in_use, stop_process, tail, wait_until_ready
 from tasks.resources.servers.models import SMOLLM2, resolve_model
 
 _READY_PREFIX = "LISTENING "
+# See `server_params`: the share of a new prompt that must match a slot's cached prompt for the slot to be
+# picked for it, and the host memory that keeps prompts evicted from the slots.
+SLOT_PROMPT_SIMILARITY = 0.1
+PROMPT_CACHE_RAM_MIB = 8192
 
 
 def default_threads() -> int:
@@ -201,6 +206,37 @@ class EmbeddedServer:
 # -- the child process -------------------------------------------------------------------------------------
 
 
+def server_params(
+    gguf: str, alias: str | None, host: str, port: int, parallel: int, ctx_per_slot: int, threads: int
+) -> Any:
+    """llama.cpp's server parameters (an `xllamacpp.CommonParams`) as the child sets them.
+
+    Prefix reuse: each slot keeps the KV cache of its last prompt (`cache_prompt`, on by default), and a new
+    prompt goes to the slot whose cached prompt shares the largest part of it (`slot_prompt_similarity`, the
+    share of the new prompt that must match; 0 would pick the least recently used slot instead). Prompts
+    evicted from a slot stay in a host-memory cache (`cache_ram_mib`) from which a later prompt with the
+    same prefix is restored. Set here explicitly so that a change of xllamacpp's defaults shows up in review.
+    """
+    import xllamacpp  # only the child loads llama.cpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = gguf
+    if alias:
+        params.model_alias = {alias}
+    params.hostnames = [host]
+    params.port = port
+    params.n_parallel = parallel
+    params.n_ctx = ctx_per_slot * parallel  # llama.cpp divides n_ctx among the slots
+    params.cont_batching = True
+    params.warmup = False  # the warm-up decode only delays startup; the first request warms up anyway
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    params.cache_prompt = True
+    params.slot_prompt_similarity = SLOT_PROMPT_SIMILARITY
+    params.cache_ram_mib = PROMPT_CACHE_RAM_MIB
+    return params
+
+
 def _serve(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run llama.cpp's server (xllamacpp) until SIGTERM/SIGINT.")
     parser.add_argument("--gguf", required=True)
@@ -212,24 +248,13 @@ def _serve(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=default_threads())
     args = parser.parse_args(argv)
 
-    import xllamacpp  # only the child loads llama.cpp
-
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    params = xllamacpp.CommonParams()
-    params.model.path = args.gguf
-    if args.alias:
-        params.model_alias = {args.alias}
-    params.hostnames = [args.host]
-    params.port = args.port
-    params.n_parallel = args.parallel
-    params.n_ctx = args.ctx * args.parallel  # llama.cpp divides n_ctx among the slots
-    params.cont_batching = True
-    params.warmup = False  # the warm-up decode only delays startup; the first request warms up anyway
-    params.cpuparams.n_threads = args.threads
-    params.cpuparams_batch.n_threads = args.threads
+    import xllamacpp  # only the child loads llama.cpp
+
+    params = server_params(args.gguf, args.alias, args.host, args.port, args.parallel, args.ctx, args.threads)
     api_key = os.environ.get("EMBEDDED_LLM_API_KEY")
     if api_key:
         params.api_keys = [api_key]

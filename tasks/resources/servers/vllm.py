@@ -21,6 +21,12 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 # Without this in the server's environment vLLM does not mount /v1/load_lora_adapter at all
 # (entrypoints/serve/lora/api_router.py `attach_router`), so registering a fine-tune answers 404.
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+# A round's classification and instance prompts share long few-shot prefixes. Automatic prefix caching is on
+# by default in vLLM's V1 engine (config/cache.py `CacheConfig.enable_prefix_caching: bool = True`), but the
+# engine may turn it off for some models; asking for it says what rounds rely on. Usage reports the cached
+# prompt tokens (usage.prompt_tokens_details.cached_tokens, recorded in requests.parquet) only with
+# --enable-prompt-tokens-details (entrypoints/openai/cli_args.py, default False).
+PREFIX_CACHE_FLAGS = ("--enable-prefix-caching", "--enable-prompt-tokens-details")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class VLLMServe:
             f"{self.gpu_memory_utilization:g}",
             "--generation-config",
             self.generation_config,
+            *PREFIX_CACHE_FLAGS,
         ]
         for flag, value in (
             ("--max-num-seqs", self.max_num_seqs),

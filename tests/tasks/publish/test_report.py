@@ -9,23 +9,21 @@ import pytest
 from schemas import (
     Settings,
 )
-from tasks.publish.report import (
-    REPORT_KEY,
+from tasks.publish.report import REPORT_KEY, load_report, render_html, report_link, write_report
+from tasks.publish.report_stats import (
     GrowthPoint,
     VerbStats,
     build_report,
     histogram,
-    load_report,
     rejections_by_reason,
-    render_html,
-    report_link,
     summary,
     top_verbs,
     verb_and_object,
-    write_report,
 )
+from tasks.publish.timeline import stacked_steps, timeline_svg
 from tasks.resources.store.files import StoreError
 from tasks.resources.store.rounds import Store
+from tasks.round.server_load import RequestSpan, generation_load
 from tests.support import factories
 from tests.support.s3 import SECRET_KEY
 
@@ -244,3 +242,59 @@ def test_publish_report_links_an_artifact(prefect_server: None, tmp_path: Path) 
     artifacts = response.json()
     assert len(artifacts) == 1
     assert f"file://{location}" in artifacts[0]["data"]
+
+
+def _span(stage: str, start: float, end: float) -> RequestSpan:
+    return RequestSpan(
+        stage, start, end, prompts=8, prompt_tokens=100, completion_tokens=50, cached_prompt_tokens=None
+    )
+
+
+def test_stacked_steps_count_each_stage_in_flight() -> None:
+    # The classify stage starts while the last instruction request is still out (pipelined stages).
+    spans = [
+        _span("instruction", 100.0, 103.0),
+        _span("instruction", 100.0, 101.0),
+        _span("classify", 102.0, 104.0),
+    ]
+    assert stacked_steps(spans) == [
+        (0.0, 1.0, {"instruction": 2}),
+        (1.0, 2.0, {"instruction": 1}),
+        (2.0, 3.0, {"instruction": 1, "classify": 1}),
+        (3.0, 4.0, {"classify": 1}),
+    ]
+    assert stacked_steps([]) == []
+
+
+def test_timeline_is_plain_svg_with_stages_and_concurrency() -> None:
+    spans = [_span("instruction", 0.0, 3.0), _span("instruction", 0.0, 1.0), _span("classify", 2.0, 4.0)]
+    svg = timeline_svg(spans, concurrency=2, busy_fraction=0.5)
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    # One rectangle per stage and step, plus one legend swatch per stage.
+    assert svg.count("<rect") == 5 + 2
+    assert "concurrency 2" in svg and "busy 50%" in svg
+    assert ">instruction</text>" in svg and ">classify</text>" in svg
+    assert "<script" not in svg and "href" not in svg
+    assert timeline_svg([], 2, 0.0) == ""
+
+
+def test_report_shows_the_server_load_of_a_round(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "store"))
+    commit_round(store, INSTRUCTIONS[:2])  # committed before loads were recorded
+    number = factories.next_round(store)
+    requests = [
+        factories.completion(key="old", request_id="r0", sent_at=1.0, received_at=2.0),  # a crashed run's
+        factories.completion(key="a", request_id="r1", sent_at=10.0, received_at=14.0, completion_tokens=9),
+        factories.completion(key="b", request_id="r2", sent_at=10.0, received_at=12.0, completion_tokens=3),
+        factories.completion(key="c", request_id="r3", stage="classify", sent_at=13.0, received_at=15.0),
+    ]
+    load = generation_load(requests, concurrency=2, since=5.0, round_wall_s=20.0)
+    assert load is not None and load.busy_fraction == pytest.approx(3 / 5)
+    factories.commit_round(store, [], [], [], requests=requests, load=load)
+    report = load_report(store, number)
+    assert [s.sent_at for s in report.requests] == [10.0, 10.0, 13.0]  # the reused completion left out
+    page = render_html(report)
+    assert "busy 60%" in page and page.count("<svg") == 1
+    assert "<td>classify</td><td>1</td><td>1</td><td>2.0</td>" in page
+    assert "$" not in page.split("<body>", 1)[1].split("<svg", 1)[0]  # every placeholder filled
+    assert "not recorded for this round" in render_html(load_report(store, 1))

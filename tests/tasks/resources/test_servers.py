@@ -121,6 +121,7 @@ def test_vllm_command() -> None:
     assert vllm_command("org/model", 8001, 2, True, 0.8, ("--max-model-len", "4096")) == [
         "vllm", "serve", "org/model", "--host", "127.0.0.1", "--port", "8001",
         "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.8", "--generation-config", "vllm",
+        "--enable-prefix-caching", "--enable-prompt-tokens-details",
         "--enable-lora", "--max-model-len", "4096",
     ]  # fmt: skip
 
@@ -157,6 +158,7 @@ def test_serve_print_command_shows_the_exact_command_and_environment() -> None:
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true",
         "vllm", "serve", "org/model", "--host", "127.0.0.1", "--port", "8123", "--served-model-name", "gen",
         "--tensor-parallel-size", "1", "--gpu-memory-utilization", "0.9", "--generation-config", "vllm",
+        "--enable-prefix-caching", "--enable-prompt-tokens-details",
         "--enable-lora", "--max-lora-rank", "64", "--max-loras", "2",
         "--max-model-len", "8192", "--seed", "3",
     ]  # fmt: skip
