@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from selfinstruct.cli import app
 from tasks.resources.store import Store
 from tasks.round.seeds import DEFAULT_SEEDS, MAX_SEED_FILE_BYTES
+from tests.support.factories import commit_texts
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.model_like import ModelLikeFake
-from tests.support.factories import commit_texts
 
 runner = CliRunner()
 HTML = "<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body>" + "<p>filler</p>" * 400

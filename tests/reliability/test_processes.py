@@ -19,8 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tasks.resources.processes import free_port
 from tests.support.model_like import ModelLikeFake
-from tests.support.processes import ROOT, free_port
+from tests.support.processes import ROOT
 
 RECORD_PREFECT_SETTINGS = r"""
 import json, os, sys

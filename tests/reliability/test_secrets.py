@@ -22,12 +22,13 @@ from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
 from tasks.resources.llm import LLMError, OpenAICompletionClient
+from tasks.resources.processes import free_port
 from tasks.resources.redact import redact_url
 from tasks.resources.store import Store, StoreError, records_to_table
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import Fault
 from tests.support.model_like import ModelLikeFake
-from tests.support.processes import cli_env, free_port, run_cli
+from tests.support.processes import cli_env, run_cli
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 API_KEY = "sk-reliability-9b1f4c7e2d"

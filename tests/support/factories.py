@@ -1,10 +1,10 @@
 """Builders of records, completions, manifests and committed rounds: the one place tests make them.
 
 Each builder fills every required field with a plain default and takes keyword overrides, so a test names only
-what it is about. Rounds are committed through the real store API (claim, write, manifest last): `commit_round`
-writes the records it is given, `commit_tasks` builds them from (instruction, is_classification, pairs), and
-`commit_texts` writes a round the way a real run does (`write_round`: completions, index delta, checksums), for
-what reads those too (verify, preflight).
+what it is about. Rounds are committed through the real store API (claim, write, manifest last):
+`commit_round` writes the records it is given, `commit_tasks` builds them from (instruction,
+is_classification, pairs), and `commit_texts` writes a round the way a real run does (`write_round`:
+completions, index delta, checksums) for what reads those too (verify, preflight).
 """
 
 import json

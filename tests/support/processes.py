@@ -15,14 +15,9 @@ from typing import Any
 
 import boto3
 
+from tasks.resources.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (right now)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli_env(api_url: str, **extra: str) -> dict[str, str]:

@@ -18,7 +18,9 @@ def test_clean_store_verifies(tmp_path: Path) -> None:
 def test_tampered_file_and_duplicates_are_problems(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
     commit_texts(store, ["List three uses for a paperclip."])
-    commit_texts(store, ["list three uses  for a PAPERCLIP.", "Write a friendly greeting for a new colleague."])
+    commit_texts(
+        store, ["list three uses  for a PAPERCLIP.", "Write a friendly greeting for a new colleague."]
+    )
     report = verify_store(store, SEEDS)
     assert any("duplicates one in round 1" in p for p in report.problems)
     assert any("duplicates one in seeds" in p for p in report.problems)
