@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +126,7 @@ def test_stop_escalates_and_reaches_descendants_in_other_sessions(tmp_path: Path
 
     log = tmp_path / "stubborn.log"
     managed = spawn("stubborn", [sys.executable, "-c", STUBBORN], dict(os.environ), tmp_path, log)
-    deadline = time.monotonic() + 30
-    while not log.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    child = int(log.read_text().split()[0])
+    child = int(poll_until(lambda: log.read_text().strip(), 30, "the child's pid in the log", 0.1).split()[0])
     assert is_running(managed)
     quick = ((signal.SIGINT, 1.0), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0))
     assert stop_process_tree(managed, quick) == "SIGKILL"
