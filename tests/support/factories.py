@@ -178,7 +178,8 @@ TASKS: list[Task] = [
 
 
 def commit_tasks(store: Store, tasks: Sequence[Task], run_id: str = "test") -> int:
-    """Commit one round holding `tasks` (instruction, is_classification, pairs) with their instances."""
+    """Commit one round holding `tasks` (instruction, is_classification, pairs) with their instances, and
+    one rejected candidate: every file a real round writes, so that the report and audit can read it."""
     number = next_round(store)
     instructions, instances = [], []
     for n, (text, is_classification, pairs) in enumerate(tasks):
@@ -192,7 +193,10 @@ def commit_tasks(store: Store, tasks: Sequence[Task], run_id: str = "test") -> i
         )
         instructions.append(record)
         instances += [instance(record.id, number, k, input=i, output=o) for k, (i, o) in enumerate(pairs)]
-    return commit_round(store, instructions, instances, run_id=run_id, model="smollm2", pool_size_before=10)
+    rejected = [rejection(number, stage="instance", reason="empty_output", text="Say nothing.")]
+    return commit_round(
+        store, instructions, instances, rejected, run_id=run_id, model="smollm2", pool_size_before=10
+    )
 
 
 def two_round_store(root: Path) -> Store:
