@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +26,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Prefect reads its settings once, at first import: point it at a throwaway home before anything imports it.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="bench-prefect-")
-atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-os.environ.pop("PREFECT_API_URL", None)
+from benchmarks.prefect_home import use_throwaway_prefect_home  # noqa: E402
+
+use_throwaway_prefect_home("bench-prefect-", startup_timeout_s=180)  # before anything imports Prefect
 
 import httpx  # noqa: E402
 from rich.console import Console  # noqa: E402

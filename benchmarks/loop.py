@@ -25,13 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Prefect reads its settings once, at first import: point it at a throwaway home before anything imports it.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="bench-loop-prefect-")
-atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-os.environ.pop("PREFECT_API_URL", None)
+from benchmarks.prefect_home import use_throwaway_prefect_home  # noqa: E402
+
+use_throwaway_prefect_home("bench-loop-prefect-", startup_timeout_s=300)  # before anything imports Prefect
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

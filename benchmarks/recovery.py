@@ -16,50 +16,25 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 SMALL_ROUND = {"prompts_per_round": 2, "max_instances": 3}
-
-
-def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """`selfinstruct ...` in a clean environment (no PREFECT_/SELFINSTRUCT_ variables of the caller)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SELFINSTRUCT_"))}
-    env |= {"PREFECT_WORKER_QUERY_SECONDS": "2", "COLUMNS": "200"}
-    command = [sys.executable, "-m", "selfinstruct", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll until `condition` is truthy; exit with a message after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(1.0)
-    raise SystemExit(f"gave up: {what} did not happen within {timeout_s:.0f} s")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    from tasks.resources.processes import free_port as pick
-
-    return pick()
 
 
 def main() -> int:
     """Run the scenario and print the table."""
-    from deployments.stack import StackLayout, StackState
+    from deployments.server_api import api_request
+    from deployments.state import StackLayout, StackState
+    from tasks.resources.processes import free_port, poll_until
     from tasks.resources.store.rounds import Store
+    from tests.support.stack import round_in_progress, stack_cli
 
     data_dir = Path(tempfile.mkdtemp(prefix="selfinstruct-recovery-"))
     config = data_dir / "round.json"
@@ -72,22 +47,16 @@ def main() -> int:
     figures: dict[str, str] = {}
     try:
         started = time.monotonic()
-        up = cli("stack", "up", *up_args)
+        up = stack_cli("stack", "up", *up_args)
         if up.returncode != 0:
             raise SystemExit(up.stdout + up.stderr)
         figures["stack up (new database)"] = f"{time.monotonic() - started:.0f} s"
         state = StackState.from_json(layout.state_file.read_text())
-        api = httpx.Client(base_url=state.api_url, timeout=30.0)
-
-        def in_progress() -> int | None:
-            for number in store.uncommitted_rounds():
-                if list(Path(store.location(number), "completions").glob("*.parquet")):
-                    return int(number)
-            return None
-
-        number = wait_for(in_progress, 900, "a scheduled round in progress")
+        number = poll_until(lambda: round_in_progress(store), 900, "a scheduled round in progress")
         body = {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
-        (run,) = wait_for(lambda: api.post("/flow_runs/filter", json=body).json(), 60, "a running run")
+        (run,) = poll_until(
+            lambda: api_request(state.api_url, "POST", "/flow_runs/filter", body), 60, "a running run"
+        )
         worker = next(p for p in state.processes if p.name == "worker")
         tree = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
         for process in tree:
@@ -96,27 +65,27 @@ def main() -> int:
         figures["killed"] = f"worker and flow run of round {number} ({run['name']}), SIGKILL"
 
         def crashed() -> bool:
-            return bool(api.get(f"/flow_runs/{run['id']}").json()["state"]["type"] == "CRASHED")
+            return bool(
+                api_request(state.api_url, "GET", f"/flow_runs/{run['id']}")["state"]["type"] == "CRASHED"
+            )
 
-        wait_for(crashed, 600, "the zombie automation marking the run Crashed")
+        poll_until(crashed, 600, "the zombie automation marking the run Crashed")
         figures["run marked Crashed by the zombie automation after"] = f"{time.monotonic() - killed_at:.0f} s"
-        down = cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
+        down = stack_cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
         restarted = time.monotonic()
-        up = cli("stack", "up", *up_args)
+        up = stack_cli("stack", "up", *up_args)
         if down.returncode != 0 or up.returncode != 0:
             raise SystemExit(down.stdout + down.stderr + up.stdout + up.stderr)
         figures["stack down + up (existing database)"] = f"{time.monotonic() - restarted:.0f} s"
-        state = StackState.from_json(layout.state_file.read_text())
-        api = httpx.Client(base_url=state.api_url, timeout=30.0)
-        wait_for(lambda: number in store.committed_rounds(), 1200, f"round {number} committed")
+        poll_until(lambda: number in store.committed_rounds(), 1200, f"round {number} committed")
         figures[f"round {number} committed by the schedule, after the restart"] = (
             f"{time.monotonic() - restarted:.0f} s"
         )
-        verify = cli("verify", "--store", store.url, timeout=300)
+        verify = stack_cli("verify", "--store", store.url, timeout=300)
         figures["selfinstruct verify"] = "ok" if verify.returncode == 0 else verify.stdout[-300:]
         figures["manual steps"] = "none"
     finally:
-        cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
+        stack_cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"\nCrash recovery on the local stack ({machine})\n")
     print("| step | measured |\n|---|---|")

@@ -1,313 +1,42 @@
-"""The local stack: a Prefect server, the deployments of prefect.yaml, a worker, the LLM and report servers.
+"""The local stack's lifecycle: bring up a Prefect server, the LLM and report servers and a worker, bring
+them down, and say whether they answer.
 
 Everything listens on 127.0.0.1 and keeps its state under one data folder (data/ by default): the server's
 database and its concurrency leases (on disk, so a restart does not strand a killed run's slots), the
 record of the started processes (stack.json) and their logs. `stop_stack` cancels the flow runs in flight
-before it stops the processes, so the next `start_stack` finds nothing holding a slot.
+before it stops the processes, so the next `start_stack` finds nothing holding a slot. What is registered
+on the server lives in `deployments.registration`, the REST calls in `deployments.server_api`.
 """
 
-import json
 import os
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from deployments.processes import (
     ManagedProcess,
     StackError,
     is_running,
     prefect_command,
-    run_cli,
     spawn,
     stop_process_tree,
-    tail,
     wait_for_http,
 )
+from deployments.registration import HEARTBEAT_S, register
+from deployments.server_api import cancel_in_flight, finish_cancelling, wait_for_worker
+from deployments.state import (
+    HOST,
+    Say,
+    StackLayout,
+    StackOptions,
+    StackState,
+    read_state,
+    write_state,
+)
 
-DEFAULT_POOL = "selfinstruct-process"
-DEFAULT_PORT = 4200
-DEFAULT_LLM_PORT = 8081
-DEFAULT_REPORT_PORT = 8082
-HOST = "127.0.0.1"  # every server the stack starts listens on loopback only
-PREFECT_FILE = Path("deployments/prefect.yaml")
-BOOTSTRAP_DEPLOYMENT = "bootstrap-nightly"
-STATE_VERSION = 2
-# Flow-run heartbeats every 30 s (Prefect's minimum); a run silent for 90 s is a zombie (see below).
-HEARTBEAT_S = 30
-ZOMBIE_AFTER_S = 90
-ZOMBIE_AUTOMATION = "selfinstruct-crash-zombie-flow-runs"
 # Leases of concurrency slots kept on disk: with the default in-memory storage a server restart forgets
 # them and the slots of a run killed meanwhile stay taken forever.
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
-ACTIVE_STATES = ["RUNNING", "PENDING", "CANCELLING"]
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-Say = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class StackLayout:
-    """Paths of one stack: the repository it deploys and the data folder it keeps its state in."""
-
-    root: Path
-    data_dir: Path
-
-    @property
-    def prefect_home(self) -> Path:
-        """PREFECT_HOME of the stack's server, worker and CLI calls (database, leases, profiles)."""
-        return self.data_dir / "prefect-stack"
-
-    @property
-    def state_dir(self) -> Path:
-        """Where the state file, the logs and the rendered deployments file go."""
-        return self.data_dir / "stack"
-
-    @property
-    def state_file(self) -> Path:
-        """The record of what `stack up` started."""
-        return self.state_dir / "stack.json"
-
-    def log(self, name: str) -> Path:
-        """Log file of one component."""
-        return self.state_dir / f"{name}.log"
-
-
-@dataclass
-class StackState:
-    """What `stack up` recorded."""
-
-    api_url: str
-    ui_url: str
-    llm_url: str | None
-    pool: str
-    root: str
-    prefect_home: str
-    started_at: str
-    processes: list[ManagedProcess] = field(default_factory=list)
-    store_url: str = ""
-    report_url: str | None = None
-    version: int = STATE_VERSION
-
-    def to_json(self) -> str:
-        """The state file's content."""
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "StackState":
-        """Parse a state file.
-
-        Raises:
-            StackError: When the file is not a state this version wrote.
-        """
-        try:
-            data = json.loads(text)
-            processes = [ManagedProcess(**p) for p in data.pop("processes")]
-            return cls(**data, processes=processes)
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
-            raise StackError(
-                f"unreadable stack state ({error}); remove it after checking nothing runs"
-            ) from None
-
-
-@dataclass(frozen=True)
-class StackOptions:
-    """How to bring the stack up (the `stack up` flags)."""
-
-    port: int = DEFAULT_PORT
-    llm_port: int = DEFAULT_LLM_PORT
-    report_port: int = DEFAULT_REPORT_PORT
-    llm_url: str | None = None
-    store_url: str | None = None
-    pool: str = DEFAULT_POOL
-    prefect_file: Path = PREFECT_FILE
-    dry_run_finetunes: bool = False
-    every_s: int | None = None
-    round_config: dict[str, Any] | None = None
-    data_ready_threshold: int | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-
-def read_state(layout: StackLayout) -> StackState | None:
-    """The recorded stack, or None when there is none."""
-    if not layout.state_file.exists():
-        return None
-    return StackState.from_json(layout.state_file.read_text())
-
-
-def write_state(layout: StackLayout, state: StackState) -> None:
-    """Record the stack (replaced atomically, so a reader never sees half a file)."""
-    layout.state_dir.mkdir(parents=True, exist_ok=True)
-    partial = layout.state_file.with_suffix(".json.tmp")
-    partial.write_text(state.to_json())
-    partial.replace(layout.state_file)
-
-
-# -- the deployments file ----------------------------------------------------------------------------
-
-
-def render_prefect_file(source: Path, target: Path, options: StackOptions) -> Path:
-    """The deployments file as `stack up` deploys it: the source with the flags' changes, or the source.
-
-    --dry-run-finetunes makes the data.ready trigger start dry runs; --every replaces the nightly cron with
-    an interval schedule (for trying the stack out, and for the scheduler test); --round-config and
-    --data-ready-threshold change the bootstrap deployment's default parameters.
-    """
-    import yaml
-
-    changes = (
-        options.dry_run_finetunes,
-        options.every_s is not None,
-        options.round_config is not None,
-        options.data_ready_threshold is not None,
-    )
-    if not any(changes):
-        return source
-    spec = yaml.safe_load(source.read_text())
-    for deployment in spec.get("deployments", []):
-        if options.dry_run_finetunes:
-            for trigger in deployment.get("triggers") or []:
-                params = (trigger.get("parameters") or {}).get("params")
-                if isinstance(params, dict) and "dry_run" in params:
-                    params["dry_run"] = True
-        if deployment.get("name") != BOOTSTRAP_DEPLOYMENT:
-            continue
-        if options.every_s is not None:
-            deployment["schedules"] = [{"interval": options.every_s, "active": True}]
-        params = deployment.setdefault("parameters", {}).setdefault("params", {})
-        if options.round_config is not None:
-            params["config"] = {**params.get("config", {}), **options.round_config}
-        if options.data_ready_threshold is not None:
-            params["data_ready_threshold"] = options.data_ready_threshold
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("w") as sink:
-        sink.write(f"# Generated by `selfinstruct stack up` from {source}; edit the source instead.\n")
-        yaml.safe_dump(spec, sink, sort_keys=False)
-    return target
-
-
-# -- the Prefect server, through its REST API ---------------------------------------------------------
-
-# The server answers 503 while its SQLite database is locked by a busy writer (seen on 2 loaded cores);
-# Prefect's own client retries those, and so does this one.
-_RETRY_STATUS = {429, 502, 503}
-
-
-def api_request(api_url: str, method: str, path: str, json_body: Any = None, attempts: int = 6) -> Any:
-    """One REST call to the Prefect server, retried on 429/502/503 and connection errors.
-
-    Returns:
-        The decoded JSON answer (None for an empty body).
-
-    Raises:
-        StackError: When the server keeps failing or refuses the request.
-    """
-    import httpx
-
-    answer = ""
-    for attempt in range(attempts):
-        try:
-            response = httpx.request(method, f"{api_url}{path}", json=json_body, timeout=30.0)
-        except httpx.TransportError as error:
-            answer = f"{type(error).__name__}"
-        else:
-            if response.status_code not in _RETRY_STATUS:
-                if response.status_code >= 400:
-                    raise StackError(f"{method} {path}: {response.status_code} {response.text[:300]}")
-                return response.json() if response.content else None
-            answer = f"{response.status_code} {response.text[:200]}"
-        time.sleep(min(2.0**attempt, 10.0))
-    raise StackError(f"{method} {path} failed {attempts} times; last answer: {answer}")
-
-
-def zombie_automation() -> dict[str, Any]:
-    """The automation Prefect documents for zombie runs: no heartbeat for 90 s -> Crashed.
-
-    Crashed is terminal, so the server releases the run's deployment concurrency slot; the next run of
-    the deployment can start, and the round's claim in the store is then taken over.
-    (docs.prefect.io, "How to detect and respond to zombie flows".)
-    """
-    return {
-        "name": ZOMBIE_AUTOMATION,
-        "description": f"Marks a flow run Crashed when it has sent no heartbeat for {ZOMBIE_AFTER_S} s "
-        "(its process or machine died), which frees its concurrency slots.",
-        "enabled": True,
-        "trigger": {
-            "type": "event",
-            "match": {"prefect.resource.id": "prefect.flow-run.*"},
-            "after": ["prefect.flow-run.heartbeat"],
-            "expect": [
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            ],
-            "for_each": ["prefect.resource.id"],
-            "posture": "Proactive",
-            "threshold": 1,
-            "within": ZOMBIE_AFTER_S,
-        },
-        "actions": [
-            {
-                "type": "change-flow-run-state",
-                "state": "CRASHED",
-                "message": f"No heartbeat for {ZOMBIE_AFTER_S} s: the run's process is gone.",
-            }
-        ],
-    }
-
-
-def ensure_automation(api_url: str, spec: dict[str, Any]) -> str:
-    """Create the automation named in `spec` unless one of that name exists; returns its id."""
-    body = {"automations": {"name": {"any_": [spec["name"]]}}}
-    found = api_request(api_url, "POST", "/automations/filter", body)
-    if found:
-        return str(found[0]["id"])
-    return str(api_request(api_url, "POST", "/automations/", spec)["id"])
-
-
-def runs_in_flight(api_url: str, pool: str) -> list[dict[str, Any]]:
-    """Flow runs of the pool that are running, starting or being cancelled."""
-    body = {
-        "flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}},
-        "work_pools": {"name": {"any_": [pool]}},
-    }
-    return list(api_request(api_url, "POST", "/flow_runs/filter", body))
-
-
-def set_run_state(api_url: str, run_id: str, state_type: str, message: str) -> None:
-    """Ask the server to move a flow run to `state_type` (orchestration rules apply, no force)."""
-    body = {"state": {"type": state_type, "message": message}, "force": False}
-    api_request(api_url, "POST", f"/flow_runs/{run_id}/set_state", body)
-
-
-def cancel_in_flight(api_url: str, pool: str, timeout_s: float, say: Say) -> list[str]:
-    """Cancel the pool's running flow runs and wait (bounded) for the worker to stop them.
-
-    Returns:
-        Names of the runs that were cancelled.
-    """
-    runs = runs_in_flight(api_url, pool)
-    for run in runs:
-        say(f"cancelling flow run {run['name']} ({run['state']['name']})")
-        if run["state"]["type"] != "CANCELLING":
-            set_run_state(api_url, run["id"], "CANCELLING", "cancelled by `selfinstruct stack down`")
-    deadline = time.monotonic() + timeout_s
-    while runs and time.monotonic() < deadline and runs_in_flight(api_url, pool):
-        time.sleep(1.0)
-    return [str(run["name"]) for run in runs]
-
-
-def finish_cancelling(api_url: str, pool: str) -> None:
-    """After the worker is gone: runs it left in Cancelling become Cancelled, so their slots are freed."""
-    for run in runs_in_flight(api_url, pool):
-        set_run_state(api_url, run["id"], "CANCELLED", "stopped by `selfinstruct stack down`")
-
-
-# -- bringing it up ----------------------------------------------------------------------------------
 
 
 def base_env(layout: StackLayout, api_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -325,40 +54,6 @@ def base_env(layout: StackLayout, api_url: str, extra: dict[str, str] | None = N
     env.pop("PREFECT_PROFILE", None)  # a profile from the user's home would point elsewhere
     env.update(extra or {})
     return env
-
-
-def ensure_work_pool(pool: str, env: dict[str, str], layout: StackLayout) -> None:
-    """Create the process work pool unless it exists (an existing pool's job template is kept)."""
-    log = layout.log("deploy")
-    try:
-        run_cli(prefect_command("work-pool", "inspect", pool), env, layout.root, log, "inspect", 120)
-    except StackError:
-        run_cli(
-            prefect_command("work-pool", "create", pool, "--type", "process"),
-            env,
-            layout.root,
-            log,
-            f"creating work pool {pool}",
-            120,
-        )
-
-
-def wait_for_worker(api_url: str, pool: str, process: ManagedProcess, timeout_s: float) -> None:
-    """Wait until a worker of `pool` has sent a heartbeat to the server."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not is_running(process):
-            raise StackError(f"the worker exited; see {process.log}:\n{tail(Path(process.log))}")
-        try:
-            response = httpx.post(f"{api_url}/work_pools/{pool}/workers/filter", json={}, timeout=5.0)
-            if response.status_code == 200 and response.json():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    raise StackError(f"no worker of pool {pool} checked in within {timeout_s:.0f} s; see {process.log}")
 
 
 def check_not_running(layout: StackLayout, say: Say) -> None:
@@ -460,19 +155,7 @@ def start_stack(layout: StackLayout, options: StackOptions, say: Say = lambda _:
         # A new database is migrated on first start: 30-60 s on 2 cores.
         wait_for_http(f"{api_url}/health", 300, server, "the Prefect server")
         say(f"creating work pool {options.pool} and deploying {options.prefect_file}")
-        ensure_work_pool(options.pool, env, layout)
-        deploy_file = render_prefect_file(
-            layout.root / options.prefect_file, layout.state_dir / "prefect.yaml", options
-        )
-        run_cli(
-            prefect_command("--no-prompt", "deploy", "--all", "--prefect-file", str(deploy_file)),
-            env,
-            layout.root,
-            layout.log("deploy"),
-            "prefect deploy",
-            600,
-        )
-        ensure_automation(api_url, zombie_automation())
+        register(layout, options, api_url, env)
         wait_for_http(f"{state.report_url}/health", 60, report, "the report server")
         if llm is not None:
             wait_for_http(f"{llm_url}/models", 600, llm, "the embedded LLM server")

@@ -1,7 +1,7 @@
 """Operations commands: `selfinstruct stack up|down|status` (the local Prefect stack) and `report`.
 
-The stack itself (processes, deployments, automations) lives in deployments/stack.py; these commands parse
-flags, call it and print.
+The stack itself (processes, deployments, automations) lives in deployments/ (stack.py starts and stops it);
+these commands parse flags, call it and print.
 """
 
 import json
@@ -12,7 +12,8 @@ import typer
 from rich.table import Table
 
 from deployments.processes import StackError, is_running
-from deployments.stack import (
+from deployments.stack import health, start_stack, stop_stack
+from deployments.state import (
     DEFAULT_LLM_PORT,
     DEFAULT_POOL,
     DEFAULT_PORT,
@@ -20,10 +21,7 @@ from deployments.stack import (
     PREFECT_FILE,
     StackLayout,
     StackOptions,
-    health,
     read_state,
-    start_stack,
-    stop_stack,
 )
 from selfinstruct.console import console, fail
 

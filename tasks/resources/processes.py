@@ -1,6 +1,6 @@
-"""Server processes: free ports, polling an HTTP endpoint until it answers, quoting a log, stopping cleanly.
+"""Server processes: free ports, polling until a deadline, quoting a log, stopping cleanly.
 
-The one readiness poll and log tail of the project: the embedded LLM server, vLLM and the local stack's
+The one poll, readiness poll and log tail of the project: the embedded LLM server, vLLM and the local stack's
 Prefect server all use these. httpx is imported only when polling, so the CLI can import this module cheaply.
 """
 
@@ -11,6 +11,9 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class ExitedBeforeReady(RuntimeError):
@@ -23,6 +26,24 @@ def tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def poll_until(condition: Callable[[], T], timeout_s: float, what: str, every_s: float = 1.0) -> T:
+    """Call `condition` every `every_s` seconds until it returns something truthy; return that.
+
+    The one poll-until-a-deadline of the project: readiness polls, the stack's waits on its worker and on
+    cancelled runs, and the tests and benchmarks that wait on a running stack.
+
+    Raises:
+        TimeoutError: Nothing truthy within `timeout_s`; the message names `what` was awaited.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if result := condition():
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout_s:g} s")
+        time.sleep(every_s)
 
 
 def wait_for_http(
@@ -48,17 +69,16 @@ def wait_for_http(
     """
     import httpx
 
-    deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=5.0, headers=dict(headers or {})) as client:
-        while True:
+
+        def answers() -> bool:
             if alive is not None and not alive():
                 raise ExitedBeforeReady(f"process exited before {url} answered")
             with contextlib.suppress(httpx.HTTPError):
-                if client.get(url).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout_s:g}s")
-            time.sleep(interval_s)
+                return client.get(url).status_code == 200
+            return False
+
+        poll_until(answers, timeout_s, f"{url} to answer", every_s=interval_s)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:

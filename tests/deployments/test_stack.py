@@ -1,9 +1,9 @@
 """The deployments file and the local stack: a real Prefect server, worker and LLM server on 127.0.0.1.
 
-The slow tests bring the stack up once for the module with `python -m selfinstruct.cli_ops stack up` (what
-`selfinstruct stack up` runs), run the bootstrap deployment through the worker against the embedded
-llama.cpp server, watch `selfinstruct.data.ready` start the finetune deployment, read everything back
-through the REST API, and finally check that `stack down` leaves no process behind.
+The slow tests bring the stack up once for the module with `selfinstruct stack up` (a subprocess), run the
+bootstrap deployment through the worker against the embedded llama.cpp server, watch
+`selfinstruct.data.ready` start the finetune deployment, read everything back through the REST API (with the
+stack's own retrying `api_request`), and finally check that `stack down` leaves no process behind.
 """
 
 import json
@@ -11,8 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,15 @@ import pytest
 import yaml
 
 from deployments.processes import ManagedProcess, StackError, is_running, spawn, stop_process_tree
-from deployments.stack import (
-    StackLayout,
-    StackOptions,
-    StackState,
-    check_not_running,
-    check_ports,
-    render_prefect_file,
-    zombie_automation,
-)
+from deployments.registration import render_prefect_file, zombie_automation
+from deployments.server_api import TERMINAL_STATES, api_request
+from deployments.stack import check_not_running, check_ports
+from deployments.state import StackLayout, StackOptions, StackState
+from tasks.resources.processes import free_port, poll_until
+from tests.support.processes import ROOT
+from tests.support.stack import round_in_progress, stack_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 # -- the deployments file ----------------------------------------------------------------------------
 
@@ -147,10 +142,7 @@ def test_stop_escalates_and_reaches_descendants_in_other_sessions(tmp_path: Path
 
     log = tmp_path / "stubborn.log"
     managed = spawn("stubborn", [sys.executable, "-c", STUBBORN], dict(os.environ), tmp_path, log)
-    deadline = time.monotonic() + 30
-    while not log.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    child = int(log.read_text().split()[0])
+    child = int(poll_until(lambda: log.read_text().strip(), 30, "the child's pid in the log", 0.1).split()[0])
     assert is_running(managed)
     quick = ((signal.SIGINT, 1.0), (signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0))
     assert stop_process_tree(managed, quick) == "SIGKILL"
@@ -236,47 +228,6 @@ SMALL_ROUND = {
 }
 
 
-def _cli(*args: str, timeout: float = 900, module: str = "selfinstruct") -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SELFINSTRUCT_"))}
-    env |= {"PREFECT_WORKER_QUERY_SECONDS": "2", "COLUMNS": "200"}  # pick up new runs quickly
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _free_port() -> int:
-    from tasks.resources.processes import free_port
-
-    return free_port()
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 2.0) -> Any:
-    """Poll `condition` until it returns something truthy; fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(every_s)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
-
-
-class RetryingClient(httpx.Client):
-    """Retries the 503 a Prefect server on SQLite answers while its database is locked (so does Prefect)."""
-
-    def request(self, *args: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
-        for attempt in range(6):
-            response = super().request(*args, **kwargs)
-            if response.status_code != 503:
-                break
-            time.sleep(min(2.0**attempt, 10.0))
-        return response
-
-
 @dataclass
 class Stack:
     """The module's stack: its recorded state, the `stack up` arguments and its store."""
@@ -286,8 +237,9 @@ class Stack:
     data_dir: Path
     store: Any
 
-    def api(self) -> httpx.Client:
-        return RetryingClient(base_url=self.state.api_url, timeout=30.0)
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """One REST call to the stack's server, retried as the stack's own calls are (503 while busy)."""
+        return api_request(self.state.api_url, method, path, body)
 
     def reload(self) -> None:
         self.state = StackState.from_json(StackLayout(ROOT, self.data_dir).state_file.read_text())
@@ -302,7 +254,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config = tmp_path_factory.mktemp("config") / "round.json"
     config.write_text(json.dumps(SMALL_ROUND))
     store = Store(str(data_dir / "store"))
-    ports = ("--port", str(_free_port()), "--llm-port", str(_free_port()), "--report-port", str(_free_port()))
+    ports = ("--port", str(free_port()), "--llm-port", str(free_port()), "--report-port", str(free_port()))
     up_args = (
         *ports,
         "--dry-run-finetunes",
@@ -315,113 +267,108 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "--data-dir",
         str(data_dir),
     )
-    up = _cli("stack", "up", *up_args)
+    up = stack_cli("stack", "up", *up_args)
     layout = StackLayout(root=ROOT, data_dir=data_dir)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "DRY RUNS" in up.stdout and '{"config": {"prompts_per_round": 8}}' in up.stdout
         yield Stack(StackState.from_json(layout.state_file.read_text()), up_args, data_dir, store)
     finally:
-        _cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
+        stack_cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
 
 
-def _deployment_ids(client: httpx.Client) -> dict[str, str]:
-    return {d["name"]: d["id"] for d in client.post("/deployments/filter", json={}).json()}
+def _deployment_ids(stack: Stack) -> dict[str, str]:
+    return {d["name"]: d["id"] for d in stack.api("POST", "/deployments/filter", {})}
 
 
-def _finished(client: httpx.Client, run_id: str) -> dict[str, Any] | None:
-    run = client.get(f"/flow_runs/{run_id}").json()
-    return dict(run) if run["state"]["type"] in TERMINAL else None
+def _finished(stack: Stack, run_id: str) -> dict[str, Any] | None:
+    run = stack.api("GET", f"/flow_runs/{run_id}")
+    return dict(run) if run["state"]["type"] in TERMINAL_STATES else None
 
 
-def _runs_of(
-    client: httpx.Client, deployment_id: str, states: list[str] | None = None
-) -> list[dict[str, Any]]:
+def _runs_of(stack: Stack, deployment_id: str, states: list[str] | None = None) -> list[dict[str, Any]]:
     body: dict[str, Any] = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}}
     if states:
         body["flow_runs"]["state"] = {"type": {"any_": states}}
-    return list(client.post("/flow_runs/filter", json=body).json())
+    return list(stack.api("POST", "/flow_runs/filter", body))
 
 
-def _run_round(client: httpx.Client, deployment_id: str, store_url: str, threshold: int) -> dict[str, Any]:
+def _run_round(stack: Stack, deployment_id: str, store_url: str, threshold: int) -> dict[str, Any]:
     params = {"params": {"store_url": store_url, "config": SMALL_ROUND, "data_ready_threshold": threshold}}
-    created = client.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": params})
-    assert created.status_code == 201, created.text
-    run = wait_for(lambda: _finished(client, created.json()["id"]), 900, "a round through the worker")
+    created = stack.api("POST", f"/deployments/{deployment_id}/create_flow_run", {"parameters": params})
+    run = poll_until(lambda: _finished(stack, created["id"]), 900, "a round through the worker", 2.0)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     return dict(run)
 
 
 def _verify(store_url: str) -> subprocess.CompletedProcess[str]:
-    return _cli("verify", "--store", store_url, timeout=300)
+    return stack_cli("verify", "--store", store_url, timeout=300)
 
 
 @pytest.mark.slow
 def test_stack_is_deployed_and_serving(stack: Stack) -> None:
     state = stack.state
     assert state.ui_url.startswith("http://127.0.0.1:") and state.api_url == f"{state.ui_url}/api"
-    with stack.api() as client:
-        assert client.get("/health").status_code == 200
-        assert client.get("/work_pools/selfinstruct-process").json()["type"] == "process"
-        assert client.post("/work_pools/selfinstruct-process/workers/filter", json={}).json()
-        deployments = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
-        assert set(deployments) == {"bootstrap-nightly", "finetune", "evaluate", "audit"}
-        nightly = deployments["bootstrap-nightly"]
-        assert nightly["schedules"][0]["schedule"]["interval"] == 60  # --every 60
-        assert nightly["global_concurrency_limit"]["limit"] == 1
-        assert nightly["pull_steps"] == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
-        ]
-        # Where runs write and which LLM they use travel as job variables, never as parameters.
-        env = nightly["job_variables"]["env"]
-        assert (
-            env["SELFINSTRUCT_STORE_URL"] == stack.store.url and env["SELFINSTRUCT_LLM_URL"] == state.llm_url
-        )
-        automations = {a["name"]: a for a in client.post("/automations/filter", json={}).json()}
-        assert set(automations) == {
-            "selfinstruct-finetune-on-data-ready",
-            "selfinstruct-evaluate-on-finetune",
-            "selfinstruct-audit-on-round-committed",
-            "selfinstruct-crash-zombie-flow-runs",
-        }
-        trigger = automations["selfinstruct-finetune-on-data-ready"]
-        assert trigger["trigger"]["expect"] == ["selfinstruct.data.ready"]
-        (action,) = trigger["actions"]
-        assert action["deployment_id"] == deployments["finetune"]["id"]
-        assert action["parameters"]["params"]["dry_run"] is True  # --dry-run-finetunes
+    assert stack.api("GET", "/health") is True
+    assert stack.api("GET", "/work_pools/selfinstruct-process")["type"] == "process"
+    assert stack.api("POST", "/work_pools/selfinstruct-process/workers/filter", {})
+    deployments = {d["name"]: d for d in stack.api("POST", "/deployments/filter", {})}
+    assert set(deployments) == {"bootstrap-nightly", "finetune", "evaluate", "audit"}
+    nightly = deployments["bootstrap-nightly"]
+    assert nightly["schedules"][0]["schedule"]["interval"] == 60  # --every 60
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    assert nightly["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}
+    ]
+    # Where runs write and which LLM they use travel as job variables, never as parameters.
+    env = nightly["job_variables"]["env"]
+    assert env["SELFINSTRUCT_STORE_URL"] == stack.store.url and env["SELFINSTRUCT_LLM_URL"] == state.llm_url
+    automations = {a["name"]: a for a in stack.api("POST", "/automations/filter", {})}
+    assert set(automations) == {
+        "selfinstruct-finetune-on-data-ready",
+        "selfinstruct-evaluate-on-finetune",
+        "selfinstruct-audit-on-round-committed",
+        "selfinstruct-crash-zombie-flow-runs",
+    }
+    trigger = automations["selfinstruct-finetune-on-data-ready"]
+    assert trigger["trigger"]["expect"] == ["selfinstruct.data.ready"]
+    (action,) = trigger["actions"]
+    assert action["deployment_id"] == deployments["finetune"]["id"]
+    assert action["parameters"]["params"]["dry_run"] is True  # --dry-run-finetunes
     assert httpx.get(f"{state.llm_url}/models", timeout=10).status_code == 200
     assert httpx.get(f"{state.report_url}/health", timeout=10).status_code == 200
-    again = _cli("stack", "up", "--data-dir", str(stack.data_dir))
+    again = stack_cli("stack", "up", "--data-dir", str(stack.data_dir))
     assert again.returncode == 1 and "already running" in again.stderr
 
 
 @pytest.mark.slow
 def test_the_servers_scheduler_starts_rounds_by_itself(stack: Stack) -> None:
     """No run is created by hand: the server's scheduler makes them from the deployment's schedule."""
-    with stack.api() as client:
-        nightly = _deployment_ids(client)["bootstrap-nightly"]
-        done = wait_for(lambda: _runs_of(client, nightly, ["COMPLETED"]), 900, "a scheduled round completing")
-        run = done[0]
-        assert run["auto_scheduled"] is True and run["created_by"]["type"] == "SCHEDULE", run
-        client.post(f"/deployments/{nightly}/pause_deployment").raise_for_status()
-        assert stack.store.committed_rounds()[:1] == [1]
-        assert run["name"] == "round-00001"
-        # Task runs are named by stage and chunk.
-        tasks = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run["id"]]}}}).json()
-        names = {t["name"] for t in tasks}
-        assert {"instructions-chunk-000", "classification-chunk-000", "instances-chunk-000"} <= names, names
-        # The report link in the UI opens over HTTP.
-        body = {
-            "artifacts": {
-                "flow_run_id": {"any_": [run["id"]]},
-                "key": {"any_": ["selfinstruct-round-report"]},
-            }
+    nightly = _deployment_ids(stack)["bootstrap-nightly"]
+    done = poll_until(
+        lambda: _runs_of(stack, nightly, ["COMPLETED"]), 900, "a scheduled round completing", 2.0
+    )
+    run = done[0]
+    assert run["auto_scheduled"] is True and run["created_by"]["type"] == "SCHEDULE", run
+    stack.api("POST", f"/deployments/{nightly}/pause_deployment")
+    assert stack.store.committed_rounds()[:1] == [1]
+    assert run["name"] == "round-00001"
+    # Task runs are named by stage and chunk.
+    tasks = stack.api("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    names = {t["name"] for t in tasks}
+    assert {"instructions-chunk-000", "classification-chunk-000", "instances-chunk-000"} <= names, names
+    # The report link in the UI opens over HTTP.
+    body = {
+        "artifacts": {
+            "flow_run_id": {"any_": [run["id"]]},
+            "key": {"any_": ["selfinstruct-round-report"]},
         }
-        (link,) = client.post("/artifacts/filter", json=body).json()
-        url = link["data"].split("](", 1)[1].rstrip(")") if link["data"].startswith("[") else link["data"]
-        assert url.startswith(f"{stack.state.report_url}/rounds/round=00001/"), url
-        page = httpx.get(url, timeout=30)
-        assert page.status_code == 200 and "<html" in page.text.lower()
+    }
+    (link,) = stack.api("POST", "/artifacts/filter", body)
+    url = link["data"].split("](", 1)[1].rstrip(")") if link["data"].startswith("[") else link["data"]
+    assert url.startswith(f"{stack.state.report_url}/rounds/round=00001/"), url
+    page = httpx.get(url, timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
     verify = _verify(stack.store.url)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
@@ -431,91 +378,75 @@ def test_rounds_through_the_worker_and_data_ready_starts_one_finetune(stack: Sta
     from tasks.resources.store.rounds import Store
 
     store = Store(str(tmp_path / "store"))
-    with stack.api() as client:
-        ids = _deployment_ids(client)
-        first = _run_round(client, ids["bootstrap-nightly"], store.url, threshold=10**9)
-        assert store.committed_rounds() == [1]
-        assert (
-            first["work_queue_name"] == "default" and first["parameters"]["params"]["store_url"] == store.url
-        )
+    ids = _deployment_ids(stack)
+    first = _run_round(stack, ids["bootstrap-nightly"], store.url, threshold=10**9)
+    assert store.committed_rounds() == [1]
+    assert first["work_queue_name"] == "default" and first["parameters"]["params"]["store_url"] == store.url
 
-        # round.committed started an audit of round 1 through the worker, judged by the stack's LLM.
-        def audit_of_round_1() -> list[dict[str, Any]]:
-            runs = _runs_of(client, ids["audit"])
-            return [r for r in runs if r["parameters"]["params"] == {"store_url": store.url, "round": 1}]
+    # round.committed started an audit of round 1 through the worker, judged by the stack's LLM.
+    def audit_of_round_1() -> list[dict[str, Any]]:
+        runs = _runs_of(stack, ids["audit"])
+        return [r for r in runs if r["parameters"]["params"] == {"store_url": store.url, "round": 1}]
 
-        (audit,) = wait_for(audit_of_round_1, 120, "the round.committed trigger")
-        audited = wait_for(lambda: _finished(client, audit["id"]), 600, "the audit of round 1")
-        assert audited["state"]["type"] == "COMPLETED", audited["state"]
-        body = {"artifacts": {"flow_run_id": {"any_": [audited["id"]]}}}
-        keys = {a["key"] for a in client.post("/artifacts/filter", json=body).json()}
-        assert {"selfinstruct-round-audit", "selfinstruct-round-report"} <= keys
-        assert [n for n in store.list_names("audits/round=00001") if n.endswith(".json")]
-        assert "<h2>Quality audit</h2>" in (Path(store.location(1)) / "report.html").read_text()
+    (audit,) = poll_until(audit_of_round_1, 120, "the round.committed trigger", 2.0)
+    audited = poll_until(lambda: _finished(stack, audit["id"]), 600, "the audit of round 1", 2.0)
+    assert audited["state"]["type"] == "COMPLETED", audited["state"]
+    body = {"artifacts": {"flow_run_id": {"any_": [audited["id"]]}}}
+    keys = {a["key"] for a in stack.api("POST", "/artifacts/filter", body)}
+    assert {"selfinstruct-round-audit", "selfinstruct-round-report"} <= keys
+    assert [n for n in store.list_names("audits/round=00001") if n.endswith(".json")]
+    assert "<h2>Quality audit</h2>" in (Path(store.location(1)) / "report.html").read_text()
 
-        _run_round(client, ids["bootstrap-nightly"], store.url, threshold=1)
-        assert store.committed_rounds() == [1, 2]
-        instances = sum(store.read_manifest(n).counts["instances"] for n in (1, 2))
-        assert instances >= 1, "the model produced no instance at all; the threshold cannot be crossed"
+    _run_round(stack, ids["bootstrap-nightly"], store.url, threshold=1)
+    assert store.committed_rounds() == [1, 2]
+    instances = sum(store.read_manifest(n).counts["instances"] for n in (1, 2))
+    assert instances >= 1, "the model produced no instance at all; the threshold cannot be crossed"
 
-        runs = wait_for(lambda: _runs_of(client, ids["finetune"]), 120, "the data.ready trigger")
-        assert len(runs) == 1, runs  # round 1, below its threshold, started none
-        assert runs[0]["parameters"] == {
-            "params": {"store_url": store.url, "rounds": [1, 2], "dry_run": True}
-        }
+    runs = poll_until(lambda: _runs_of(stack, ids["finetune"]), 120, "the data.ready trigger", 2.0)
+    assert len(runs) == 1, runs  # round 1, below its threshold, started none
+    assert runs[0]["parameters"] == {"params": {"store_url": store.url, "rounds": [1, 2], "dry_run": True}}
 
-        events = client.post(
-            "/events/filter", json={"filter": {"event": {"name": ["selfinstruct.data.ready"]}}, "limit": 50}
-        ).json()["events"]
-        ours = [e for e in events if e["payload"]["store_url"] == store.url]
-        assert len(ours) == 1 and ours[0]["payload"]["new_instances"] == instances
+    body = {"filter": {"event": {"name": ["selfinstruct.data.ready"]}}, "limit": 50}
+    events = stack.api("POST", "/events/filter", body)["events"]
+    ours = [e for e in events if e["payload"]["store_url"] == store.url]
+    assert len(ours) == 1 and ours[0]["payload"]["new_instances"] == instances
 
-        finetune = wait_for(lambda: _finished(client, runs[0]["id"]), 600, "the dry-run fine-tune")
-        assert finetune["state"]["type"] == "COMPLETED", finetune["state"]
-        assert finetune["name"].startswith("finetune-ft-")
-        assert len(_runs_of(client, ids["finetune"])) == 1
+    finetune = poll_until(lambda: _finished(stack, runs[0]["id"]), 600, "the dry-run fine-tune", 2.0)
+    assert finetune["state"]["type"] == "COMPLETED", finetune["state"]
+    assert finetune["name"].startswith("finetune-ft-")
+    assert len(_runs_of(stack, ids["finetune"])) == 1
     manifests = store.list_names("finetunes")
     assert len(manifests) == 1
     assert json.loads(store.get_bytes(f"finetunes/{manifests[0]}/manifest.json"))["dry_run"] is True
 
 
-def _round_in_progress(store: Any) -> int | None:
-    """An uncommitted round that has already persisted completions (so it is mid-round), or None."""
-    for number in store.uncommitted_rounds():
-        if list(Path(store.location(number), "completions").glob("*.parquet")):
-            return int(number)
-    return None
-
-
 @pytest.mark.slow
 def test_stack_down_mid_round_then_up_completes_that_round(stack: Stack) -> None:
     """`stack down` interrupts a scheduled round; after `stack up` the schedule alone finishes it."""
-    with stack.api() as client:
-        nightly = _deployment_ids(client)["bootstrap-nightly"]
-        client.post(f"/deployments/{nightly}/resume_deployment").raise_for_status()
-        number = wait_for(lambda: _round_in_progress(stack.store), 600, "a scheduled round in progress", 0.5)
-        running = _runs_of(client, nightly, ["RUNNING"])
-        assert [r["name"] for r in running] == [f"round-{number:05d}"]
-    down = _cli("stack", "down", "--data-dir", str(stack.data_dir), timeout=300)
+    nightly = _deployment_ids(stack)["bootstrap-nightly"]
+    stack.api("POST", f"/deployments/{nightly}/resume_deployment")
+    number = poll_until(lambda: round_in_progress(stack.store), 600, "a scheduled round in progress", 0.5)
+    running = _runs_of(stack, nightly, ["RUNNING"])
+    assert [r["name"] for r in running] == [f"round-{number:05d}"]
+    down = stack_cli("stack", "down", "--data-dir", str(stack.data_dir), timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
     assert f"cancelling flow run round-{number:05d}" in down.stdout
     assert number not in stack.store.committed_rounds()
 
-    up = _cli("stack", "up", *stack.up_args)
+    up = stack_cli("stack", "up", *stack.up_args)
     assert up.returncode == 0, up.stdout + up.stderr
     stack.reload()
-    with stack.api() as client:
-        interrupted = client.get(f"/flow_runs/{running[0]['id']}").json()
-        assert interrupted["state"]["type"] == "CANCELLED", interrupted["state"]
-        nightly = _deployment_ids(client)["bootstrap-nightly"]
+    interrupted = stack.api("GET", f"/flow_runs/{running[0]['id']}")
+    assert interrupted["state"]["type"] == "CANCELLED", interrupted["state"]
+    nightly = _deployment_ids(stack)["bootstrap-nightly"]
 
-        def redone() -> list[dict[str, Any]]:
-            done = _runs_of(client, nightly, ["COMPLETED"])
-            return [r for r in done if r["name"] == f"round-{number:05d}"]
+    def redone() -> list[dict[str, Any]]:
+        done = _runs_of(stack, nightly, ["COMPLETED"])
+        return [r for r in done if r["name"] == f"round-{number:05d}"]
 
-        (run,) = wait_for(redone, 900, f"a run completing round {number} after the restart")
-        client.post(f"/deployments/{nightly}/pause_deployment").raise_for_status()
-        assert number in stack.store.committed_rounds() and run["auto_scheduled"] is True
+    (run,) = poll_until(redone, 900, f"a run completing round {number} after the restart", 2.0)
+    stack.api("POST", f"/deployments/{nightly}/pause_deployment")
+    assert number in stack.store.committed_rounds() and run["auto_scheduled"] is True
     verify = _verify(stack.store.url)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
@@ -529,7 +460,7 @@ def test_stack_down_leaves_no_process(stack: Stack) -> None:
     for managed in state.processes:
         if is_running(managed):
             tree |= {c.pid for c in psutil.Process(managed.pid).children(recursive=True)}
-    down = _cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
+    down = stack_cli("stack", "down", "--data-dir", str(data_dir), timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
     assert "stack down" in down.stdout
     survivors = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
@@ -537,4 +468,4 @@ def test_stack_down_leaves_no_process(stack: Stack) -> None:
     assert not StackLayout(ROOT, data_dir).state_file.exists()
     port = int(state.ui_url.rsplit(":", 1)[1])
     check_ports({"--port": port})  # free again
-    assert _cli("stack", "down", "--data-dir", str(data_dir)).returncode == 0  # idempotent
+    assert stack_cli("stack", "down", "--data-dir", str(data_dir)).returncode == 0  # idempotent

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from schemas import BootstrapConfig, CompletionRecord, Settings
 from selfinstruct.cli import app
+from tasks.resources.processes import free_port
 from tasks.round.classify import parse_classification
 from tasks.round.generate import parse_instructions
 from tasks.round.instances import parse_instances
@@ -26,7 +27,7 @@ from tasks.round.seeds import DEFAULT_SEEDS
 from tests.support import factories
 from tests.support.fake_openai import FakeOpenAI, FaultConfig
 from tests.support.model_like import ModelLikeFake
-from tests.support.processes import free_port, moto_process
+from tests.support.processes import moto_process
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 runner = CliRunner()

@@ -8,8 +8,6 @@ Leases here are 1-2 s; every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from typer.testing import CliRunner
 
 from schemas import Settings
 from selfinstruct.cli import app
+from tasks.resources.processes import poll_until
 from tasks.resources.store.claims import RoundClaimedError
 from tasks.resources.store.rounds import Store
 
@@ -47,13 +46,6 @@ def _claim_of_a_dead_pod(store: Store, number: int, lease_s: float) -> Path:
     return path
 
 
-def _eventually(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        time.sleep(0.1)
-
-
 def _claims(store: Store, run_id: str) -> bool:
     try:
         store.claim_next_round(run_id, renew=False)
@@ -67,7 +59,7 @@ def test_claim_of_a_dead_host_expires_with_its_lease(tmp_path: Path) -> None:
     _claim_of_a_dead_pod(store, 1, lease_s=2)
     with pytest.raises(RoundClaimedError, match="worker-pod-1"):
         store.claim_next_round("run-b", renew=False)
-    _eventually(lambda: _claims(store, "run-b"))
+    poll_until(lambda: _claims(store, "run-b"), 30, "run-b's claim", 0.1)
     assert store.holds_claim(1, "run-b")
 
 
@@ -78,7 +70,7 @@ def test_a_live_holder_keeps_its_round_by_renewing(tmp_path: Path) -> None:
     try:
         # Wait until the first lease has run out twice over: only renewals keep the claim live.
         limit = datetime.fromisoformat(first_expiry) + timedelta(seconds=1)
-        _eventually(lambda: datetime.now(UTC) > limit)
+        poll_until(lambda: datetime.now(UTC) > limit, 30, "the lease limit", 0.1)
         assert holder.round_is_live(1)
         with pytest.raises(RoundClaimedError, match="run-a"):
             _store(tmp_path).claim_next_round("run-b", renew=False)
@@ -109,7 +101,7 @@ def test_unlock_refuses_a_live_lease_and_lifts_an_expired_one(tmp_path: Path) ->
         result = runner.invoke(app, args)
         return result.exit_code == 0 and "round 1 unlocked" in result.output
 
-    _eventually(unlocked)
+    poll_until(unlocked, 30, "the round to unlock", 0.1)
     assert not claim.exists()
     assert store.claim_next_round("run-b", renew=False) == 1
 

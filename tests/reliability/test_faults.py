@@ -33,7 +33,7 @@ from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import FaultConfig
 from tests.support.model_like import ModelLikeFake
-from tests.support.processes import MotoProcess, cli_env, moto_process, run_cli
+from tests.support.processes import MotoProcess, cli_env, moto_bucket, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -148,18 +148,8 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MotoProcess, str]
     Short timeouts make a frozen endpoint fail a read in seconds: one attempt per botocore call, two per
     s3fs call (s3fs retries timeouts itself).
     """
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("SELFINSTRUCT_S3_CONNECT_TIMEOUT_S", "1")
-    monkeypatch.setenv("SELFINSTRUCT_S3_READ_TIMEOUT_S", "1")
-    monkeypatch.setenv("SELFINSTRUCT_S3_WRITE_TIMEOUT_S", "30")
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)
-    with moto_process() as moto:
-        moto.client().create_bucket(Bucket="reliability")
-        monkeypatch.setenv("SELFINSTRUCT_S3_ENDPOINT_URL", moto.url)
-        monkeypatch.setenv("SELFINSTRUCT_S3_ACCESS_KEY_ID", "test")
-        monkeypatch.setenv("SELFINSTRUCT_S3_SECRET_ACCESS_KEY", "test")
+    with moto_bucket(monkeypatch, "reliability", connect_s=1, read_s=1, write_s=30) as moto:
         yield moto, "s3://reliability/pause"
 
 

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from selfinstruct.cli import app
 from tasks.resources.store.rounds import Store
 from tasks.round.seeds import DEFAULT_SEEDS, MAX_SEED_FILE_BYTES
+from tests.support.factories import commit_texts
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.model_like import ModelLikeFake
-from tests.support.rounds import commit_round
 
 runner = CliRunner()
 HTML = "<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body>" + "<p>filler</p>" * 400
@@ -193,7 +193,7 @@ def test_read_only_store_folder(tmp_path: Path, llm: str) -> None:
 @pytest.mark.parametrize("command", ["status", "report"])
 def test_corrupt_manifest(tmp_path: Path, command: str) -> None:
     store = Store(str(tmp_path / "store"))
-    commit_round(store, ["List three uses for a paperclip."])
+    commit_texts(store, ["List three uses for a paperclip."])
     manifest = Path(store.round_dir(1)) / "manifest.json"
     manifest.write_text('{"round": 1, "files": ')
     line = _one_line(command, "--store", str(tmp_path / "store"))

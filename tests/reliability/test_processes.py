@@ -12,15 +12,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tasks.resources.processes import free_port, poll_until
 from tests.support.model_like import ModelLikeFake
-from tests.support.processes import ROOT, free_port
+from tests.support.processes import ROOT
 
 RECORD_PREFECT_SETTINGS = r"""
 import json, os, sys
@@ -78,13 +77,6 @@ def test_prefect_settings_are_applied_before_prefect_is_imported(tmp_path: Path,
         assert not store.exists(), "a refused run wrote into the store"
 
 
-def _until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def _start_round(tmp_path: Path, fake: ModelLikeFake) -> tuple[subprocess.Popen[str], Path]:
     log = tmp_path / "cli.log"
     command = [sys.executable, "-m", "selfinstruct", "run", "--store", str(tmp_path / "store")]
@@ -98,7 +90,7 @@ def _start_round(tmp_path: Path, fake: ModelLikeFake) -> tuple[subprocess.Popen[
         text=True,
     )
     # The preflight sends one completion; a second means the round is generating (Prefect's server is up).
-    _until(lambda: fake.requests >= 3 or process.poll() is not None, 400, "the round to start")
+    poll_until(lambda: fake.requests >= 3 or process.poll() is not None, 400, "the round to start", 0.2)
     assert process.poll() is None, log.read_text()[-3000:]
     return process, log
 
@@ -119,7 +111,7 @@ def test_sigkill_mid_round_leaves_no_process_behind(tmp_path: Path) -> None:
         assert any("uvicorn" in " ".join(p.cmdline()) for p in children), [p.cmdline() for p in children]
         process.kill()
         process.wait()
-        _until(lambda: _all_gone(children), 60, "the CLI's child processes to end")
+        poll_until(lambda: _all_gone(children), 60, "the CLI's child processes to end", 0.2)
 
 
 @pytest.mark.slow
@@ -128,8 +120,8 @@ def test_sigterm_cancels_the_round_with_one_clear_line(tmp_path: Path) -> None:
         process, log = _start_round(tmp_path, fake)
         children = _descendants(process.pid)
         process.send_signal(signal.SIGTERM)
-        _until(lambda: process.poll() is not None, 60, "the CLI to exit after SIGTERM")
-        _until(lambda: _all_gone(children), 60, "the CLI's child processes to end")
+        poll_until(lambda: process.poll() is not None, 60, "the CLI to exit after SIGTERM", 0.2)
+        poll_until(lambda: _all_gone(children), 60, "the CLI's child processes to end", 0.2)
     output = log.read_text()
     # 143 from the cancel, or SIGALRM from its backstop when the machine is too loaded for the grace timer
     assert process.returncode in (128 + signal.SIGTERM, -signal.SIGALRM), output[-3000:]

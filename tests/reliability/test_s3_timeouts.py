@@ -16,7 +16,7 @@ from tasks.resources.store.files import StoreError, StoreFiles
 from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.model_like import ModelLikeFake
-from tests.support.processes import MotoProcess, moto_process
+from tests.support.processes import MotoProcess, moto_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -25,17 +25,7 @@ OUTAGE_S = 120  # far longer than the write timeout; the endpoint is resumed ear
 
 @pytest.fixture
 def frozen_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MotoProcess, str]]:
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("SELFINSTRUCT_S3_CONNECT_TIMEOUT_S", "2")
-    monkeypatch.setenv("SELFINSTRUCT_S3_READ_TIMEOUT_S", "2")
-    monkeypatch.setenv("SELFINSTRUCT_S3_WRITE_TIMEOUT_S", "5")
-    with moto_process() as moto:
-        moto.client().create_bucket(Bucket="frozen")
-        monkeypatch.setenv("SELFINSTRUCT_S3_ENDPOINT_URL", moto.url)
-        monkeypatch.setenv("SELFINSTRUCT_S3_ACCESS_KEY_ID", "test")
-        monkeypatch.setenv("SELFINSTRUCT_S3_SECRET_ACCESS_KEY", "test")
+    with moto_bucket(monkeypatch, "frozen", connect_s=2, read_s=2, write_s=5) as moto:
         yield moto, "s3://frozen/store"
 
 

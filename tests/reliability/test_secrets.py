@@ -23,6 +23,7 @@ from schemas import BootstrapConfig, RoundParams, SamplingParams, Settings
 from selfinstruct.cli import app
 from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.resources.llm.protocol import LLMError
+from tasks.resources.processes import free_port
 from tasks.resources.redact import redact_url
 from tasks.resources.store.files import StoreError
 from tasks.resources.store.records import records_to_table
@@ -30,7 +31,7 @@ from tasks.resources.store.rounds import Store
 from tests.support.checks import assert_store_sound
 from tests.support.fake_openai import Fault
 from tests.support.model_like import ModelLikeFake
-from tests.support.processes import cli_env, free_port, run_cli
+from tests.support.processes import cli_env, run_cli
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 API_KEY = "sk-reliability-9b1f4c7e2d"

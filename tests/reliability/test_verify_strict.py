@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from selfinstruct.cli import app
 from tasks.resources.store.rounds import Store
 from tasks.round.verify import verify_store
-from tests.support.rounds import SEEDS, commit_round
+from tests.support.factories import SEEDS, commit_texts
 from tests.support.s3 import ACCESS_KEY, SECRET_KEY
 
 runner = CliRunner()
@@ -34,7 +34,7 @@ TEXTS = [
 def _store_with_rounds(path: Path, count: int) -> Store:
     store = Store(str(path))
     for texts in TEXTS[:count]:
-        commit_round(store, texts)
+        commit_texts(store, texts)
     return store
 
 

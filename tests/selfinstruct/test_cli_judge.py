@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from selfinstruct.cli_audit import register as register_audit
 from selfinstruct.cli_train import register as register_train
 from tasks.resources.store.rounds import Store
-from tests.support.round_builder import commit_round
+from tests.support.factories import commit_tasks
 
 app = typer.Typer()
 register_train(app)
@@ -19,7 +19,7 @@ runner = CliRunner()
 
 def _store(tmp_path: Path) -> Path:
     root = tmp_path / "store"
-    commit_round(Store(str(root)), [("Add the numbers.", [("1 and 2", "3")])])
+    commit_tasks(Store(str(root)), [("Add the numbers.", False, [("1 and 2", "3")])])
     return root
 
 

@@ -1,10 +1,14 @@
 """Builders of records, completions, manifests and committed rounds: the one place tests make them.
 
 Each builder fills every required field with a plain default and takes keyword overrides, so a test names only
-what it is about. Rounds are committed through the real store API (claim, write, manifest last).
+what it is about. Rounds are committed through the real store API (claim, write, manifest last):
+`commit_round` writes the records it is given, `commit_tasks` builds them from (instruction,
+is_classification, pairs), and `commit_texts` writes a round the way a real run does (`write_round`:
+completions, index delta, checksums) for what reads those too (verify, preflight).
 """
 
 import json
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,9 +23,13 @@ from schemas import (
     RejectionRecord,
     RoundManifest,
     SamplingParams,
+    SeedInstance,
+    SeedTask,
 )
 from tasks.resources.store.records import records_to_table
 from tasks.resources.store.rounds import Store
+from tasks.round.pool import IndexDelta, load_pool
+from tasks.round.commit import RoundResult, write_round
 
 
 def completion(text: str = "t", **fields: Any) -> CompletionRecord:
@@ -145,8 +153,10 @@ def next_round(store: Store) -> int:
     return (committed[-1] if committed else 0) + 1
 
 
-# Tasks for test rounds: (instruction, is_classification, [(input, output), ...]).
-TASKS: list[tuple[str, bool, list[tuple[str, str]]]] = [
+# A test round's task: (instruction, is_classification, [(input, output), ...]).
+Task = tuple[str, bool, Sequence[tuple[str, str]]]
+
+TASKS: list[Task] = [
     ("Give the plural of the noun.", False, [("mouse", "mice"), ("child", "children"), ("leaf", "leaves")]),
     ("Is the number even or odd?", True, [("14", "even"), ("9", "odd"), ("0", "even")]),
     (
@@ -170,10 +180,9 @@ TASKS: list[tuple[str, bool, list[tuple[str, str]]]] = [
 ]
 
 
-def commit_tasks(
-    store: Store, tasks: Sequence[tuple[str, bool, list[tuple[str, str]]]], run_id: str = "test"
-) -> int:
-    """Commit one round holding `tasks` (instruction, is_classification, pairs) with their instances."""
+def commit_tasks(store: Store, tasks: Sequence[Task], run_id: str = "test") -> int:
+    """Commit one round holding `tasks` (instruction, is_classification, pairs) with their instances, and
+    one rejected candidate: every file a real round writes, so that the report and audit can read it."""
     number = next_round(store)
     instructions, instances = [], []
     for n, (text, is_classification, pairs) in enumerate(tasks):
@@ -187,7 +196,10 @@ def commit_tasks(
         )
         instructions.append(record)
         instances += [instance(record.id, number, k, input=i, output=o) for k, (i, o) in enumerate(pairs)]
-    return commit_round(store, instructions, instances, run_id=run_id, model="smollm2", pool_size_before=10)
+    rejected = [rejection(number, stage="instance", reason="empty_output", text="Say nothing.")]
+    return commit_round(
+        store, instructions, instances, rejected, run_id=run_id, model="smollm2", pool_size_before=10
+    )
 
 
 def two_round_store(root: Path) -> Store:
@@ -196,6 +208,76 @@ def two_round_store(root: Path) -> Store:
     commit_tasks(store, TASKS[:6])
     commit_tasks(store, TASKS[6:])
     return store
+
+
+SEEDS = [
+    SeedTask(
+        id="seed_task_0",
+        name="greet",
+        instruction="Write a friendly greeting for a new colleague.",
+        instances=[SeedInstance(input="", output="Welcome aboard!")],
+        is_classification=False,
+    )
+]
+
+
+def commit_texts(
+    store: Store, texts: list[str], seeds: list[SeedTask] = SEEDS, config: BootstrapConfig | None = None
+) -> int:
+    """Claim the next round, and write and commit with `write_round` a round that kept `texts` (one instance
+    each, every other one a classification task, one rejection), its completions and its pool index delta.
+
+    Returns:
+        The committed round's number.
+    """
+    config = config or BootstrapConfig()
+    run_id = f"run-{uuid.uuid4()}"
+    number = store.claim_next_round(run_id, renew=False)
+    pool = load_pool(store, seeds, config.tokenizer)
+    size_before, index_start, vocab_start = pool.size, len(pool.index), pool.index.vocab_size
+    ids = [f"r{number:05d}-{i:05d}" for i in range(len(texts))]
+    pool.index.add(ids, texts)
+    generation = completion("\n".join(texts), key=f"g{number}")
+    instructions = [
+        instruction(
+            number,
+            i,
+            text,
+            request_key=generation.key,
+            in_context_ids=[seeds[0].id],
+            is_classification=i % 2 == 1,
+            classification_raw=" Yes" if i % 2 else " No",
+        )
+        for i, text in enumerate(texts)
+    ]
+    classify = [
+        completion(r.classification_raw or "", key=f"c{r.id}", stage="classify", prompt=r.instruction)
+        for r in instructions
+    ]
+    answers = [
+        completion("Output: done.", key=f"i{r.id}", stage="instance", prompt=r.instruction)
+        for r in instructions
+    ]
+    instances = [
+        instance(r.id, number, output="done.", request_key=a.key)
+        for r, a in zip(instructions, answers, strict=True)
+    ]
+    rejected = [rejection(number, request_key=generation.key)]
+    result = RoundResult(
+        number=number,
+        run_id=run_id,
+        model="m",
+        seeds_sha256="0" * 64,
+        pool_size_before=size_before,
+        prompts=1,
+        candidates_parsed=len(texts) + len(rejected),
+        instructions=instructions,
+        instances=instances,
+        rejected=rejected,
+        completions=[generation, *classify, *answers],
+    )
+    write_round(store, result, IndexDelta.since(pool.index, index_start, vocab_start), config)
+    return number
 
 
 HELDOUT = [
@@ -257,6 +339,3 @@ def write_seed_file(path: Path) -> Path:
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
-
-
-# -- templates ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Real processes for tests: the CLI as a subprocess, and moto's S3 server as its own (pausable) process."""
+"""Real processes for tests: the CLI as a subprocess, and moto's S3 server as its own (pausable) process
+with a bucket the store settings point at."""
 
 from __future__ import annotations
 
@@ -14,15 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
+
+from tasks.resources.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (right now)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli_env(api_url: str, **extra: str) -> dict[str, str]:
@@ -115,3 +112,23 @@ def moto_process(env: dict[str, str] | None = None) -> Iterator[MotoProcess]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def moto_bucket(
+    monkeypatch: pytest.MonkeyPatch, bucket: str, connect_s: float, read_s: float, write_s: float
+) -> Iterator[MotoProcess]:
+    """A MotoProcess holding `bucket`, with SELFINSTRUCT_S3_* (endpoint, keys, timeouts in seconds) pointing
+    at it and no ambient AWS credentials, for the duration of the block."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("SELFINSTRUCT_S3_CONNECT_TIMEOUT_S", f"{connect_s:g}")
+    monkeypatch.setenv("SELFINSTRUCT_S3_READ_TIMEOUT_S", f"{read_s:g}")
+    monkeypatch.setenv("SELFINSTRUCT_S3_WRITE_TIMEOUT_S", f"{write_s:g}")
+    with moto_process() as moto:
+        moto.client().create_bucket(Bucket=bucket)
+        monkeypatch.setenv("SELFINSTRUCT_S3_ENDPOINT_URL", moto.url)
+        monkeypatch.setenv("SELFINSTRUCT_S3_ACCESS_KEY_ID", "test")
+        monkeypatch.setenv("SELFINSTRUCT_S3_SECRET_ACCESS_KEY", "test")
+        yield moto

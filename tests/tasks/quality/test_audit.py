@@ -22,7 +22,7 @@ from tasks.quality.audit import (
 )
 from tasks.resources.store.files import StoreError
 from tasks.resources.store.rounds import Store
-from tests.support.round_builder import commit_round
+from tests.support.factories import commit_tasks
 
 INSTRUCTIONS = [{"id": f"r00001-{n:05d}", "instruction": f"Task number {n}."} for n in range(10)]
 INSTANCES = [
@@ -93,7 +93,7 @@ def test_resolve_round(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "store"))
     with pytest.raises(StoreError, match="no committed round"):
         resolve_round(store, None)
-    commit_round(store, [("Add the numbers.", [("1 and 2", "3")])])
+    commit_tasks(store, [("Add the numbers.", False, [("1 and 2", "3")])])
     assert resolve_round(store, None) == 1
     with pytest.raises(StoreError, match=r"round 2 .* is not committed"):
         resolve_round(store, 2)
@@ -103,16 +103,16 @@ def test_resolve_round(tmp_path: Path) -> None:
 
 # Ten instructions; the judge's answer depends on the output it is shown.
 TASKS = [
-    ("Add the two numbers.", [("3 and 4", "7"), ("1 and 1", "2")]),
-    ("Give the plural of the noun.", [("mouse", "mice")]),
-    ("Name the capital of the country.", [("Kenya", "Nairobi")]),
-    ("Write the opposite of the word.", [("hot", "cold")]),
-    ("Translate the number into words.", [("12", "twelve")]),
-    ("Count the vowels in the word.", [("banana", "WRONG")]),
-    ("Sort the letters alphabetically.", [("cab", "WRONG")]),
-    ("Say whether the number is even.", [("9", "BADINPUT")]),
-    ("Suggest a name for a cafe.", [("", "GIBBERISH")]),
-    ("Reverse the word.", [("stop", "GIBBERISH")]),
+    ("Add the two numbers.", False, [("3 and 4", "7"), ("1 and 1", "2")]),
+    ("Give the plural of the noun.", False, [("mouse", "mice")]),
+    ("Name the capital of the country.", False, [("Kenya", "Nairobi")]),
+    ("Write the opposite of the word.", False, [("hot", "cold")]),
+    ("Translate the number into words.", False, [("12", "twelve")]),
+    ("Count the vowels in the word.", False, [("banana", "WRONG")]),
+    ("Sort the letters alphabetically.", False, [("cab", "WRONG")]),
+    ("Say whether the number is even.", False, [("9", "BADINPUT")]),
+    ("Suggest a name for a cafe.", False, [("", "GIBBERISH")]),
+    ("Reverse the word.", False, [("stop", "GIBBERISH")]),
 ]
 
 
@@ -137,7 +137,7 @@ def test_audit_flow_with_a_scripted_judge(prefect_server: None, tmp_path: Path, 
 
     judge = fake_openai(responder=scripted_judge)
     store = Store(str(tmp_path / "store"))
-    number = commit_round(store, TASKS)
+    number = commit_tasks(store, TASKS)
     before = sorted(p.name for p in (tmp_path / "store" / "rounds" / "round=00001").iterdir())
 
     params = AuditParams(
@@ -199,7 +199,7 @@ def test_cli_audit_bad_input_writes_nothing(tmp_path: Path) -> None:
     store.mkdir()  # an existing, empty store (a missing one is refused before anything else)
     empty = CliRunner().invoke(app, ["audit", "--store", str(store)])
     assert empty.exit_code == 2 and "no committed round to audit" in empty.output
-    commit_round(Store(str(store)), [("Add the numbers.", [("1 and 2", "3")])])
+    commit_tasks(Store(str(store)), [("Add the numbers.", False, [("1 and 2", "3")])])
     missing = CliRunner().invoke(app, ["audit", "--store", str(store), "--round", "4"])
     assert missing.exit_code == 2 and "round 4" in missing.output and "not committed" in missing.output
     down = CliRunner().invoke(app, ["audit", "--store", str(store), "--judge-url", "http://127.0.0.1:9/v1"])

@@ -4,13 +4,12 @@ from pathlib import Path
 
 from tasks.resources.store.rounds import Store
 from tasks.round.verify import quarantine_dangling, verify_store
-from tests.support.rounds import SEEDS
-from tests.support.rounds import commit_round as _commit
+from tests.support.factories import SEEDS, commit_texts
 
 
 def test_clean_store_verifies(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
-    _commit(store, ["List three uses for a paperclip.", "Explain why the sky looks blue."])
+    commit_texts(store, ["List three uses for a paperclip.", "Explain why the sky looks blue."])
     report = verify_store(store, SEEDS)
     assert report.ok, report.problems
     assert (report.rounds_checked, report.instructions) == (1, 2)
@@ -18,8 +17,10 @@ def test_clean_store_verifies(tmp_path: Path) -> None:
 
 def test_tampered_file_and_duplicates_are_problems(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
-    _commit(store, ["List three uses for a paperclip."])
-    _commit(store, ["list three uses  for a PAPERCLIP.", "Write a friendly greeting for a new colleague."])
+    commit_texts(store, ["List three uses for a paperclip."])
+    commit_texts(
+        store, ["list three uses  for a PAPERCLIP.", "Write a friendly greeting for a new colleague."]
+    )
     report = verify_store(store, SEEDS)
     assert any("duplicates one in round 1" in p for p in report.problems)
     assert any("duplicates one in seeds" in p for p in report.problems)
@@ -30,7 +31,7 @@ def test_tampered_file_and_duplicates_are_problems(tmp_path: Path) -> None:
 
 def test_dangling_round_is_reported_and_cleaned_only_when_stale(tmp_path: Path) -> None:
     store = Store(str(tmp_path))
-    _commit(store, ["List three uses for a paperclip."])
+    commit_texts(store, ["List three uses for a paperclip."])
     assert store.claim_next_round("live-run") == 2
     report = verify_store(store, SEEDS)
     assert report.ok and report.dangling == [2]

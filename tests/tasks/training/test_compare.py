@@ -135,13 +135,14 @@ def test_comparison_table() -> None:
 def test_compare_flow_on_cpu(prefect_server: None, tmp_path: Path, fake_openai: Any) -> None:
     from flows.compare import compare
     from tasks.resources.store.rounds import Store
+    from tests.support.factories import commit_tasks
     from tasks.training.registry import read_finetune_manifest
-    from tests.support.round_builder import commit_round
 
     store = Store(str(tmp_path / "store"))
     for start in (0, 6):
-        commit_round(
-            store, [(f"Repeat the word number {n}.", [(f"w{n}", f"w{n}")]) for n in range(start, start + 6)]
+        commit_tasks(
+            store,
+            [(f"Repeat the word number {n}.", False, [(f"w{n}", f"w{n}")]) for n in range(start, start + 6)],
         )
     judge = fake_openai(responder=lambda prompt: " B")
     heldout = tmp_path / "heldout.jsonl"
