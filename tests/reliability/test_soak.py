@@ -27,7 +27,8 @@ from tests.support.fake_openai import FaultConfig
 from tests.support.model_like import ModelLikeFake
 from tests.support.processes import cli_command, cli_env
 
-pytestmark = pytest.mark.slow
+# Minutes long: the suite leaves it out (`-m 'not soak'` in pyproject.toml); benchmarks/soak.py runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261122"))
 ROUNDS = 20

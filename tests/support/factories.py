@@ -28,8 +28,8 @@ from schemas import (
 )
 from tasks.resources.store.records import records_to_table
 from tasks.resources.store.rounds import Store
-from tasks.round.pool import IndexDelta, load_pool
 from tasks.round.commit import RoundResult, write_round
+from tasks.round.pool import IndexDelta, load_pool
 
 
 def completion(text: str = "t", **fields: Any) -> CompletionRecord:

@@ -135,8 +135,8 @@ def test_comparison_table() -> None:
 def test_compare_flow_on_cpu(prefect_server: None, tmp_path: Path, fake_openai: Any) -> None:
     from flows.compare import compare
     from tasks.resources.store.rounds import Store
-    from tests.support.factories import commit_tasks
     from tasks.training.registry import read_finetune_manifest
+    from tests.support.factories import commit_tasks
 
     store = Store(str(tmp_path / "store"))
     for start in (0, 6):
