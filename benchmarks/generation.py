@@ -36,6 +36,7 @@ from rich.table import Table  # noqa: E402
 
 from schemas import CompletionRecord, SamplingParams, Settings  # noqa: E402
 from tasks.resources.llm.batch import CompletionRequest, generate  # noqa: E402
+from tasks.resources.llm.cache import MemoryCache  # noqa: E402
 from tasks.resources.llm.client import OpenAICompletionClient  # noqa: E402
 from tasks.resources.servers.embedded import EmbeddedServer  # noqa: E402
 
@@ -50,19 +51,6 @@ class Row:
     baseline: str
     ratio: float | None
     target: str
-
-
-class MemoryCache:
-    """The CompletionCache protocol in memory, so the benchmark includes the put_many calls."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, CompletionRecord] = {}
-
-    def get_many(self, keys: list[str]) -> dict[str, CompletionRecord]:
-        return {k: self.records[k] for k in keys if k in self.records}
-
-    def put_many(self, records: list[CompletionRecord]) -> None:
-        self.records.update((r.key, r) for r in records)
 
 
 class FakeProcess:

@@ -29,6 +29,21 @@ class CompletionCache(Protocol):
         ...
 
 
+class MemoryCache:
+    """A `CompletionCache` in memory: for one process's work that need not survive it (tests, benchmarks)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, CompletionRecord] = {}
+
+    def get_many(self, keys: list[str]) -> dict[str, CompletionRecord]:
+        """The records kept for `keys`."""
+        return {k: self.records[k] for k in keys if k in self.records}
+
+    def put_many(self, records: list[CompletionRecord]) -> None:
+        """Keep `records`, a later one replacing an earlier one with the same key."""
+        self.records.update((r.key, r) for r in records)
+
+
 def completion_key(model: str, prompt: str, params: SamplingParams, seed: int | None, *, api: LLMApi) -> str:
     """Cache key of a completion: sha256 hex of a canonical JSON of everything that determines it.
 

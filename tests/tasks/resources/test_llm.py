@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from schemas import CompletionRecord, SamplingParams, Settings
 from tasks.resources.llm.batch import CompletionRequest, generate
-from tasks.resources.llm.cache import CompletionKeys, completion_key
+from tasks.resources.llm.cache import CompletionKeys, MemoryCache, completion_key
 from tasks.resources.llm.chunks import GenerationSession, generate_chunk, generate_in_tasks
 from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.resources.llm.protocol import LLMError, request_body
@@ -64,19 +64,16 @@ async def generate_with(client: OpenAICompletionClient, *args: Any, **kwargs: An
         await client.aclose()
 
 
-class DictCache:
-    """The CompletionCache protocol in memory, counting its calls."""
+class DictCache(MemoryCache):
+    """The in-memory cache, counting its puts."""
 
     def __init__(self) -> None:
-        self.records: dict[str, CompletionRecord] = {}
+        super().__init__()
         self.puts: list[int] = []
-
-    def get_many(self, keys: list[str]) -> dict[str, CompletionRecord]:
-        return {k: self.records[k] for k in keys if k in self.records}
 
     def put_many(self, records: list[CompletionRecord]) -> None:
         self.puts.append(len(records))
-        self.records.update((r.key, r) for r in records)
+        super().put_many(records)
 
 
 # -- cache keys -----------------------------------------------------------------------------------------

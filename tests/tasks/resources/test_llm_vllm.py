@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from schemas import BootstrapConfig, CompletionRecord, SamplingParams, Settings
 from selfinstruct.cli import check_llm_servers
 from tasks.resources.llm.batch import CompletionRequest, generate
-from tasks.resources.llm.cache import completion_key
+from tasks.resources.llm.cache import MemoryCache, completion_key
 from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.resources.llm.protocol import LLMError, rejection_reason
 from tasks.resources.llm.sizing import parse_vllm_metrics, plan_throughput, size_for_servers
@@ -49,19 +49,6 @@ async def generate_with(client: OpenAICompletionClient, *args: Any, **kwargs: An
 
 def requests_for(prompts: list[str], seed: int | None = 1) -> list[CompletionRequest]:
     return [CompletionRequest(p, "instruction", seed) for p in prompts]
-
-
-class DictCache:
-    """The CompletionCache protocol in memory."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, CompletionRecord] = {}
-
-    def get_many(self, keys: list[str]) -> dict[str, CompletionRecord]:
-        return {k: self.records[k] for k in keys if k in self.records}
-
-    def put_many(self, records: list[CompletionRecord]) -> None:
-        self.records.update((r.key, r) for r in records)
 
 
 def post(fake: FakeOpenAI, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -191,7 +178,7 @@ def test_preflight_names_the_served_models_on_a_404(
 def test_a_prompt_over_the_context_is_rejected_alone_and_the_rest_complete(fake_openai: FakeFactory) -> None:
     fake = fake_openai(vllm=VLLMMode(max_model_len=60))
     prompts = ["Task one:", " ".join(["long"] * 61), "Task three:", "Task four:"]
-    cache = DictCache()
+    cache = MemoryCache()
     records = run(generate_with(client_for(fake), requests_for(prompts), PARAMS, cache, 4, 1))
     assert [r.rejected for r in records] == [None, "prompt_too_long", None, None]
     assert all(r.text for i, r in enumerate(records) if i != 1) and records[1].text == ""
