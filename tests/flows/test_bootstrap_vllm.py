@@ -14,7 +14,7 @@ from tasks.round.records import plan_instruction_prompts
 from tasks.round.seeds import load_seeds
 from tasks.round.steps import generation_model
 from tasks.training.register import register_with_vllm
-from tests.support.fake_openai import VLLMMode, words
+from tests.support.fake_vllm import VLLMMode, words
 from tests.support.model_like import ModelLikeFake
 
 pytestmark = pytest.mark.slow

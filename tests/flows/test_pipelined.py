@@ -17,7 +17,7 @@ from flows.bootstrap import bootstrap_round
 from schemas import BootstrapConfig, RoundParams
 from selfinstruct.cli import app
 from tasks.resources.store.rounds import Store
-from tests.support.fake_openai import VLLMMode
+from tests.support.fake_vllm import VLLMMode
 from tests.support.model_like import ModelLikeFake
 
 pytestmark = pytest.mark.slow

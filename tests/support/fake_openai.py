@@ -10,9 +10,9 @@ does not share the GIL with the client under test (`python -m tests.support.fake
 prints `READY <url>`; counters at GET /_fake/stats).
 
 With `vllm=VLLMMode(...)` it also enforces what vLLM 0.33.0's OpenAI server enforces and a client can trip
-over (each rule names the vLLM source it copies; read from the wheel, since vLLM cannot run without CUDA): the
-stop-string limit, the context limit, the request-queue limit (503), served model names, runtime LoRA loading,
-and token ids per choice. Choices always come back in prompt order with one request-level usage, as vLLM's do.
+over (the rules live in tests/support/fake_vllm.py, each naming the vLLM source it copies): the stop-string
+limit, the context limit, the request-queue limit (503), served model names, runtime LoRA loading, and token
+ids per choice. Choices always come back in prompt order with one request-level usage, as vLLM's do.
 """
 
 from __future__ import annotations
@@ -30,12 +30,21 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from aiohttp import web
 
 from tests.support.engine_latency import BatchingLatency
+from tests.support.fake_vllm import (
+    VLLMMode,
+    effective_sampling,
+    error_response,
+    load_lora,
+    metrics_text,
+    rejection,
+    unload_lora,
+    words,
+)
 
 Fault = Literal["500", "429", "hang", "close", "malformed", "empty", "length", "400", "drop_choice", "501"]
 FAULTS: tuple[Fault, ...] = get_args(Fault)
@@ -71,60 +80,6 @@ class FaultConfig:
             if rng.random() < getattr(self, f"p_{name}"):
                 return name
         return None
-
-
-@dataclass
-class VLLMMode:
-    """The vLLM 0.33.0 server behaviour the stand-in copies, with vLLM's defaults unless a test changes them.
-
-    Attributes:
-        max_model_len: `--max-model-len`, in fake tokens (words). A prompt of at least this many tokens is a
-            400 for the whole request (renderers/params.py `TokenizeParams._token_len_check`, and
-            v1/engine/input_processor.py for a prompt of exactly this length); `max_tokens` above it is a 400
-            (`TokenizeParams.__post_init__`); otherwise `max_tokens` is clamped to what is left of the context
-            (entrypoints/serve/utils/api_utils.py `get_max_tokens`).
-        max_stop_strings: `VLLM_MAX_STOP_STRINGS` (envs.py, default 4); more stop strings are a 400
-            (entrypoints/generate/base/protocol.py `StopParam`).
-        max_num_seqs: `--max-num-seqs`: prompts the scheduler runs at once; the rest wait. Reported by
-            GET /metrics as `vllm:num_requests_running` / `vllm:num_requests_waiting` (v1/metrics/loggers.py).
-        max_num_queued_reqs: `--max-num-queued-reqs`: with it set, a request that would take the unfinished
-            prompts over it gets 503 (v1/engine/async_llm.py `check_admission`, exceptions.py
-            `QueueOverflowError`). None: no limit, vLLM's default, and requests simply wait.
-        runtime_lora_updating: `VLLM_ALLOW_RUNTIME_LORA_UPDATING=true` in the server's environment: only then
-            are /v1/load_lora_adapter and /v1/unload_lora_adapter mounted
-            (entrypoints/serve/lora/api_router.py).
-        max_lora_rank: `--max-lora-rank` (config/lora.py, default 16); a bigger adapter fails to load
-            (lora/peft_helper.py `validate_legal`).
-        generation_config: The model's generation_config.json sampling defaults, which vLLM applies to every
-            field a request leaves out (`--generation-config auto`, the default; completion/protocol.py
-            `to_sampling_params`); empty = `--generation-config vllm`.
-    """
-
-    max_model_len: int = 2048
-    max_stop_strings: int = 4
-    max_num_seqs: int = 256
-    max_num_queued_reqs: int | None = None
-    runtime_lora_updating: bool = False
-    max_lora_rank: int = 16
-    generation_config: dict[str, float] = field(default_factory=dict)
-
-
-# vLLM's own defaults for sampling fields a request leaves out and the model's generation config does not set
-# (entrypoints/openai/completion/protocol.py `CompletionRequest._DEFAULT_SAMPLING_PARAMS`).
-VLLM_SAMPLING_DEFAULTS: dict[str, float] = {
-    "repetition_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "top_k": 0,
-    "min_p": 0.0,
-}
-
-
-def words(text: str) -> list[str]:
-    """The fake tokenizer: whitespace-separated words."""
-    return text.split()
 
 
 def token_ids(text: str) -> list[int]:
@@ -335,126 +290,26 @@ class FakeOpenAI:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         assert self.vllm is not None
-        running = min(self.unfinished, self.vllm.max_num_seqs)
-        labels = f'{{engine="0",model_name="{(self.models or ("fake-model",))[0]}"}}'
-        lines = [
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
-            "# TYPE vllm:num_requests_running gauge",
-            f"vllm:num_requests_running{labels} {float(running)}",
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
-            "# TYPE vllm:num_requests_waiting gauge",
-            f"vllm:num_requests_waiting{labels} {float(self.unfinished - running)}",
-        ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        return web.Response(
+            text=metrics_text(self.vllm, self.unfinished, self.models), content_type="text/plain"
+        )
 
     async def _load_lora(self, request: web.Request) -> web.Response:
-        """entrypoints/openai/models/serving.py `load_lora_adapter` and `_check_load_lora_adapter_request`."""
         assert self.vllm is not None
-        if not self.vllm.runtime_lora_updating:
-            return web.json_response({"detail": "Not Found"}, status=404)
-        body = await request.json()
-        name, path = body.get("lora_name"), body.get("lora_path")
-        if not name or not path:
-            return _error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
-        if name in (self.models or ()):
-            return _error(
-                400, f"The lora adapter '{name}' conflicts with a served base model.", "InvalidUserInput"
-            )
-        if name in self.adapters and not body.get("load_inplace"):
-            return _error(
-                400,
-                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter in "
-                "place, set 'load_inplace' to True.",
-                "InvalidUserInput",
-            )
-        config_file = Path(path) / "adapter_config.json"
-        if not config_file.is_file():
-            return _error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
-        rank = int(json.loads(config_file.read_text()).get("r", 8))
-        if rank > self.vllm.max_lora_rank:
-            message = f"LoRA rank {rank} is greater than max_lora_rank {self.vllm.max_lora_rank}."
-            return _error(500, message, "InternalServerError")
-        self.adapters[name] = path
-        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+        return await load_lora(self.vllm, self.models, self.adapters, request)
 
     async def _unload_lora(self, request: web.Request) -> web.Response:
         assert self.vllm is not None
-        if not self.vllm.runtime_lora_updating:
-            return web.json_response({"detail": "Not Found"}, status=404)
-        name = (await request.json()).get("lora_name")
-        if name not in self.adapters:
-            return _error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
-        del self.adapters[name]
-        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+        return await unload_lora(self.vllm, self.adapters, request)
 
     def _vllm_rejection(self, body: dict[str, Any], prompts: list[str]) -> web.Response | None:
         """vLLM's answer to a request it refuses as a whole, or None when it takes the request."""
         assert self.vllm is not None
-        limits = self.vllm
-        stop = body.get("stop")
-        if isinstance(stop, list) and len(stop) > limits.max_stop_strings:
-            # FastAPI's RequestValidationError, shaped by
-            # entrypoints/serve/exception_handling/handlers/validation.py `validation_exception_handler`.
-            detail = {
-                "type": "too_long",
-                "loc": "body.stop",
-                "msg": f"List should have at most {limits.max_stop_strings} items after validation, "
-                f"not {len(stop)}",
-                "input": f"<list of {len(stop)} items>",
-            }
-            return _error(400, f"1 validation error:\n  {detail}", "Bad Request", param="body.stop")
-        max_tokens = body.get("max_tokens")
-        if isinstance(max_tokens, int) and max_tokens > limits.max_model_len:
-            return _error(
-                400,
-                f"max_tokens={max_tokens} cannot be greater than max_model_len={limits.max_model_len}. "
-                "Please request fewer output tokens.",
-                "BadRequestError",
-                param="max_tokens",
-            )
-        for prompt in prompts:
-            count = len(words(prompt))
-            if count > limits.max_model_len:
-                return _error(
-                    400,
-                    f"This model's maximum context length is {limits.max_model_len} tokens. However, your "
-                    f"prompt contains {count} input tokens, which exceeds this limit even without any output "
-                    "tokens. Please reduce the length of the input prompt.",
-                    "BadRequestError",
-                    param="input_tokens",
-                )
-            if count == limits.max_model_len:
-                return _error(
-                    400,
-                    f"The decoder prompt (length {count}) plus the number of requested output tokens (at "
-                    f"least 1) is longer than the maximum model length of {limits.max_model_len}. Make sure "
-                    "that "
-                    "`max_model_len` is no smaller than the number of text tokens (prompt + requested output "
-                    "tokens).",
-                    "BadRequestError",
-                )
-        n = int(body.get("n") or 1)
-        if limits.max_num_queued_reqs is not None and self.unfinished + n > limits.max_num_queued_reqs:
-            return _error(
-                503,
-                "The engine is currently busy and cannot accept new requests. Please try again later or on a "
-                "different instance.",
-                "Service Unavailable",
-            )
-        return None
+        return rejection(self.vllm, self.unfinished, body, prompts)
 
     def _record_sampling(self, body: dict[str, Any]) -> None:
-        """The sampling vLLM would apply: the request's fields, else the model's generation config, else
-        vLLM's defaults (completion/protocol.py `to_sampling_params`)."""
         assert self.vllm is not None
-        self.effective_sampling.append(
-            {
-                name: body[name]
-                if body.get(name) is not None
-                else self.vllm.generation_config.get(name, default)
-                for name, default in VLLM_SAMPLING_DEFAULTS.items()
-            }
-        )
+        self.effective_sampling.append(effective_sampling(self.vllm, body))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -469,7 +324,7 @@ class FakeOpenAI:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         self.authorization.append(request.headers.get("Authorization"))
         if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return _error(401, "Incorrect API key provided.", "invalid_api_key")
+            return error_response(401, "Incorrect API key provided.", "invalid_api_key")
         chat = request.path.endswith("/chat/completions")
         try:
             body = await request.json()
@@ -480,11 +335,13 @@ class FakeOpenAI:
                 prompts = body["prompt"]
                 prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         except (ValueError, KeyError, TypeError):
-            return _error(400, f"request body must be JSON with {'one message' if chat else 'a prompt'}")
+            return error_response(
+                400, f"request body must be JSON with {'one message' if chat else 'a prompt'}"
+            )
         self.bodies.append(body)
         self.prompts += len(prompts)
         if self.models is not None and body.get("model") not in self.served():
-            return _error(
+            return error_response(
                 404, f"The model `{body.get('model')}` does not exist.", "NotFoundError", param="model"
             )
         if self.vllm is not None:
@@ -519,16 +376,16 @@ class FakeOpenAI:
             request.transport.close()
             raise web.HTTPInternalServerError()  # never sent: the connection is gone
         if fault == "500":
-            return _error(500, "fake internal error")
+            return error_response(500, "fake internal error")
         if fault == "429":
             headers = {}
             if self.faults.retry_after_s is not None:
                 headers["Retry-After"] = f"{self.faults.retry_after_s:g}"
-            return _error(429, "Rate limit reached", headers=headers)
+            return error_response(429, "Rate limit reached", headers=headers)
         if fault == "400":
-            return _error(400, self.faults.error_message_400)
+            return error_response(400, self.faults.error_message_400)
         if fault == "501":  # vLLM's answer for a feature it lacks (a NotImplementedError)
-            return _error(501, "this feature is not implemented", "NotImplementedError")
+            return error_response(501, "this feature is not implemented", "NotImplementedError")
         if fault == "malformed":
             return web.Response(text='{"choices": [{"text": "unterminated', content_type="application/json")
         result = self._result(body, prompts, fault)
@@ -601,18 +458,6 @@ class FakeOpenAI:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-
-
-def _error(
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-    param: str | None = None,
-) -> web.Response:
-    # vLLM's ErrorResponse (entrypoints/serve/engine/protocol.py): {"error": {message, type, param, code}}.
-    payload = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return web.json_response(payload, status=status, headers=headers)
 
 
 def main(argv: list[str] | None = None) -> None:

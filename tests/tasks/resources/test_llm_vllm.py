@@ -24,7 +24,8 @@ from tasks.resources.llm.cache import MemoryCache, completion_key
 from tasks.resources.llm.client import OpenAICompletionClient
 from tasks.resources.llm.protocol import LLMError, rejection_reason
 from tasks.resources.llm.sizing import parse_vllm_metrics, plan_throughput, size_for_servers
-from tests.support.fake_openai import VLLM_SAMPLING_DEFAULTS, FakeOpenAI, FaultConfig, VLLMMode, words
+from tests.support.fake_openai import FakeOpenAI, FaultConfig
+from tests.support.fake_vllm import VLLM_SAMPLING_DEFAULTS, VLLMMode, words
 
 T = TypeVar("T")
 FakeFactory = Callable[..., FakeOpenAI]

@@ -9,7 +9,8 @@ from pydantic import ValidationError
 from schemas.training import FinetuneParams
 from tasks.training.models import FinetuneError
 from tasks.training.register import register_with_vllm
-from tests.support.fake_openai import FakeOpenAI, VLLMMode
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_vllm import VLLMMode
 
 
 def _adapter(folder: Path, rank: int) -> str:
