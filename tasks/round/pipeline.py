@@ -1,7 +1,7 @@
 """A round's LLM stages, pipelined: each stage starts on what the one before has finished, so the servers do
 not idle at the barriers between stages.
 
-Instruction prompts go out in chunks, all started at once (the client serves later stages' requests first);
+Instruction prompts go out in chunks, many started at once (the client serves later stages' requests first);
 as chunks return (in any order) they are parsed, filtered and deduplicated strictly in prompt order (a reorder
 buffer holds a chunk until every earlier one is in, and one dedup thread takes them in turn, off the thread
 that submits chunks), which is Self-Instruct's greedy order: each candidate is compared with the pool and
@@ -186,9 +186,10 @@ class _Pipeline:
         # client, so that a later stage never leaves the HTTP slots idle while its next chunk starts.
         self.chunk_size = self.batch * batches_per_chunk
         self.limit = -(-self.llm.llm_concurrency // batches_per_chunk) + 1
-        # The instruction prompts are all known up front: their chunks all start at once, so the client always
-        # has requests to send; its slots go to the later stages' requests first (`StageSlots`).
-        self.instruction_chunks = max(1, -(-len(plans) // self.chunk_size))
+        # The instruction prompts are all known up front: eight times as many of their chunks start as the
+        # other stages' (all of a small round's), so the client always has requests to send; its slots go to
+        # the later stages' requests first (`StageSlots`). Bounded: every chunk in flight holds a thread.
+        self.instruction_limit = min(-(-len(plans) // self.chunk_size), 8 * self.limit)
         stages = [
             (INSTRUCTIONS, config.instruction_sampling),
             (CLASSIFICATION, config.classify_sampling),
@@ -212,7 +213,7 @@ class _Pipeline:
 
     def run(self) -> None:
         """Submit chunks as work becomes available until every stage is done."""
-        workers = self.instruction_chunks + 2 * self.limit
+        workers = max(1, self.instruction_limit) + 2 * self.limit
         runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=workers)
         dedup_runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=1)
         with GenerationSession(self.llm, self.generation.urls) as session, runner, dedup_runner:
@@ -241,7 +242,7 @@ class _Pipeline:
 
     def _submit(self, session: GenerationSession, runner: ThreadPoolTaskRunner[Any]) -> None:
         for stage in (self.instances, self.classification, self.instructions):
-            limit = self.instruction_chunks if stage is self.instructions else self.limit
+            limit = self.instruction_limit if stage is self.instructions else self.limit
             while stage.in_flight < limit and (count := self._next_chunk(stage)):
                 items = stage.take(count)
                 parameters = {
