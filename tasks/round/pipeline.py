@@ -1,11 +1,9 @@
 """A round's LLM stages, pipelined: each stage starts on what the one before has finished, so the servers do
 not idle at the barriers between stages.
 
-Instruction prompts go out in chunks, many started at once (the client serves later stages' requests first);
-as chunks return (in any order) they are parsed, filtered and deduplicated strictly in prompt order (a reorder
-buffer holds a chunk until every earlier one is in, and one dedup thread takes them in turn, off the thread
-that submits chunks), which is Self-Instruct's greedy order: each candidate is compared with the pool and
-every earlier accepted one.
+Instruction prompts go out in chunks; as chunks return (in any order) they are parsed, filtered and
+deduplicated strictly in prompt order (a reorder buffer holds a chunk until every earlier one is in), which is
+Self-Instruct's greedy order: each candidate is compared with the pool and every earlier accepted one.
 Accepted instructions go to classification at once and classified ones to instance generation, while later
 instruction chunks are still generating. Every chunk is a task run named by its stage
 (`instructions-chunk-000`, `dedup-chunk-000`, `classification-chunk-000`, `instances-chunk-000`); all chunks
@@ -66,7 +64,7 @@ class RoundDedup:
     """A round's pool, deduplicated against one slice of candidates after another, in prompt order.
 
     Consecutive slices decide exactly as one call on all of them (see `dedup_candidates`). Unlike the other
-    steps' inputs this holds the live pool, so the pipeline runs its dedup in one thread, a slice at a time.
+    steps' inputs this holds the live pool, so the pipeline's dedup runs in the pipeline's own thread.
     """
 
     def __init__(self, pool: Pool, ctx: RoundContext, config: BootstrapConfig, settings: Settings) -> None:
@@ -183,13 +181,9 @@ class _Pipeline:
         self.batch = self.llm.llm_batch_size
         # Chunks of a quarter of what the client keeps in flight: small enough that dedup and the later stages
         # start early, few enough to keep the task runs countable; one more chunk per stage than fills the
-        # client, so that a later stage never leaves the HTTP slots idle while its next chunk starts.
+        # client, so that a stage never leaves the HTTP slots idle while its next chunk starts.
         self.chunk_size = self.batch * batches_per_chunk
         self.limit = -(-self.llm.llm_concurrency // batches_per_chunk) + 1
-        # The instruction prompts are all known up front: eight times as many of their chunks start as the
-        # other stages' (all of a small round's), so the client always has requests to send; its slots go to
-        # the later stages' requests first (`StageSlots`). Bounded: every chunk in flight holds a thread.
-        self.instruction_limit = min(-(-len(plans) // self.chunk_size), 8 * self.limit)
         stages = [
             (INSTRUCTIONS, config.instruction_sampling),
             (CLASSIFICATION, config.classify_sampling),
@@ -202,9 +196,6 @@ class _Pipeline:
         self.futures: dict[PrefectFuture[list[CompletionRecord]], tuple[_Stage, list[Any]]] = {}
         self.arrived: dict[int, tuple[list[int], list[CompletionRecord]]] = {}  # by first prompt index
         self.next_prompt = 0
-        # Dedup runs in a task runner thread of its own, one chunk after another in prompt order, so that the
-        # pipeline's thread keeps submitting chunks meanwhile: (its future, the chunk's completions).
-        self.deduping: deque[tuple[PrefectFuture[InstructionSlice], list[CompletionRecord]]] = deque()
         self.new: list[CompletionRecord] = []  # instruction completions, in prompt order
         self.slices: list[InstructionSlice] = []
         self.answers: dict[str, CompletionRecord] = {}  # by instruction id
@@ -213,37 +204,27 @@ class _Pipeline:
 
     def run(self) -> None:
         """Submit chunks as work becomes available until every stage is done."""
-        workers = max(1, self.instruction_limit) + 2 * self.limit
-        runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=workers)
-        dedup_runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=1)
-        with GenerationSession(self.llm, self.generation.urls) as session, runner, dedup_runner:
+        runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=3 * self.limit)
+        with GenerationSession(self.llm, self.generation.urls) as session, runner:
             try:
                 while True:
                     self._submit(session, runner)
-                    # Only the oldest dedup is awaited: the slices are taken strictly in order.
-                    waiting: list[PrefectFuture[Any]] = [*self.futures, *[d[0] for d in self.deduping][:1]]
-                    if not waiting:
+                    if not self.futures:
                         return
-                    future = next(as_completed(waiting))
-                    if self.deduping and future is self.deduping[0][0]:
-                        _, records = self.deduping.popleft()
-                        self._deduplicated(records, future.result())
-                        continue
+                    future = next(as_completed(list(self.futures)))
                     stage, items = self.futures.pop(future)
                     stage.in_flight -= 1
-                    self._arrive(stage, items, future.result(), dedup_runner)
+                    self._arrive(stage, items, future.result())
             except BaseException:
                 # A chunk failed for good (or the flow is being cancelled): stop the chunks still running.
                 session.cancel_all()
-                running: list[PrefectFuture[Any]] = [*self.futures, *(d[0] for d in self.deduping)]
-                for pending in running:
+                for pending in self.futures:
                     pending.wait()
                 raise
 
     def _submit(self, session: GenerationSession, runner: ThreadPoolTaskRunner[Any]) -> None:
         for stage in (self.instances, self.classification, self.instructions):
-            limit = self.instruction_limit if stage is self.instructions else self.limit
-            while stage.in_flight < limit and (count := self._next_chunk(stage)):
+            while stage.in_flight < self.limit and (count := self._next_chunk(stage)):
                 items = stage.take(count)
                 parameters = {
                     "requests": [request for _, request in items],
@@ -269,23 +250,15 @@ class _Pipeline:
     def _upstream_busy(self, stage: _Stage) -> bool:
         if stage is self.instructions:
             return False
-        if stage is self.classification and self.deduping:
-            return True
         upstream = self.instructions if stage is self.classification else self.classification
         return bool(upstream.queue) or upstream.in_flight > 0 or self._upstream_busy(upstream)
 
-    def _arrive(
-        self,
-        stage: _Stage,
-        items: list[Any],
-        records: list[CompletionRecord],
-        dedup_runner: ThreadPoolTaskRunner[Any],
-    ) -> None:
+    def _arrive(self, stage: _Stage, items: list[Any], records: list[CompletionRecord]) -> None:
         stage.report()
         if stage is self.instructions:
             self.arrived[items[0]] = (items, records)
             while self.next_prompt in self.arrived:
-                self._deduplicate(*self.arrived.pop(self.next_prompt), dedup_runner)
+                self._deduplicate(*self.arrived.pop(self.next_prompt))
         elif stage is self.classification:
             self.answers.update((r.id, c) for r, c in zip(items, records, strict=True))
             classified, _ = apply_classification(items, records, self.ctx.number)
@@ -294,26 +267,14 @@ class _Pipeline:
         else:
             self.outputs.update((r.id, c) for r, c in zip(items, records, strict=True))
 
-    def _deduplicate(
-        self, prompts: list[int], records: list[CompletionRecord], dedup_runner: ThreadPoolTaskRunner[Any]
-    ) -> None:
-        """Start parse, filter and dedup of the next chunk in prompt order (after the chunks before it)."""
-        number = len(self.slices) + len(self.deduping)
-        named = filter_and_dedup_task.with_options(task_run_name=f"dedup-chunk-{number:03d}")
-        parameters = {
-            "plans": [self.plans[i] for i in prompts],
-            "completions": records,
-            "dedup": self.dedup(),
-            "config": self.config,
-            "round_number": self.ctx.number,
-        }
-        self.deduping.append((dedup_runner.submit(named, parameters=parameters), records))
-        self.next_prompt = prompts[-1] + 1
-
-    def _deduplicated(self, records: list[CompletionRecord], piece: InstructionSlice) -> None:
-        """Take a chunk's dedup result, in prompt order; queue its accepted instructions."""
+    def _deduplicate(self, prompts: list[int], records: list[CompletionRecord]) -> None:
+        """Parse, filter and deduplicate the next chunk in prompt order; queue its accepted instructions."""
+        named = filter_and_dedup_task.with_options(task_run_name=f"dedup-chunk-{len(self.slices):03d}")
+        plans = [self.plans[i] for i in prompts]
+        piece = named(plans, records, self.dedup(), self.config, self.ctx.number)
         self.slices.append(piece)
         self.new.extend(records)
+        self.next_prompt = prompts[-1] + 1
         requests = classify_requests(piece.accepted, self.config, self.ctx.number)
         self.classification.enqueue(list(zip(piece.accepted, requests, strict=True)))
         report_kept(self.ctx.number, sum(len(s.accepted) for s in self.slices))
