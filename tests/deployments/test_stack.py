@@ -428,6 +428,7 @@ def test_stack_down_mid_round_then_up_completes_that_round(stack: Stack) -> None
     number = poll_until(lambda: round_in_progress(stack.store), 600, "a scheduled round in progress", 0.5)
     running = _runs_of(stack, nightly, ["RUNNING"])
     assert [r["name"] for r in running] == [f"round-{number:05d}"]
+    completed_before = {r["id"] for r in _runs_of(stack, nightly, ["COMPLETED"])}
     down = stack_cli("stack", "down", "--data-dir", str(stack.data_dir), timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
     assert f"cancelling flow run round-{number:05d}" in down.stdout
@@ -441,8 +442,14 @@ def test_stack_down_mid_round_then_up_completes_that_round(stack: Stack) -> None
     nightly = _deployment_ids(stack)["bootstrap-nightly"]
 
     def redone() -> list[dict[str, Any]]:
+        # Earlier tests' runs of this deployment (into other stores) may carry the same name: only a
+        # scheduled run that completed after the restart counts.
         done = _runs_of(stack, nightly, ["COMPLETED"])
-        return [r for r in done if r["name"] == f"round-{number:05d}"]
+        return [
+            r
+            for r in done
+            if r["name"] == f"round-{number:05d}" and r["auto_scheduled"] and r["id"] not in completed_before
+        ]
 
     (run,) = poll_until(redone, 900, f"a run completing round {number} after the restart", 2.0)
     stack.api("POST", f"/deployments/{nightly}/pause_deployment")

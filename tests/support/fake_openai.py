@@ -468,12 +468,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batching", type=BatchingLatency.parse, default=None, help="BASE_S,PER_TOKEN_S,SATURATION"
     )
+    parser.add_argument(
+        "--round-responder",
+        action="store_true",
+        help="Answer a round's prompts as a capable model would (tests/support/round_responder.py).",
+    )
     for name in FAULTS:
         parser.add_argument(f"--p-{name.replace('_', '-')}", type=float, default=0.0)
     args = parser.parse_args(argv)
+    responder = None
+    if args.round_responder:
+        from tests.support.round_responder import round_responder
+
+        responder = round_responder
     faults = FaultConfig(**{f"p_{n}": getattr(args, f"p_{n}") for n in FAULTS})
     fake = FakeOpenAI(
-        latency_s=args.latency, faults=faults, vllm=VLLMMode() if args.vllm else None, batching=args.batching
+        latency_s=args.latency,
+        faults=faults,
+        vllm=VLLMMode() if args.vllm else None,
+        batching=args.batching,
+        responder=responder,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
