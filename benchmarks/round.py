@@ -8,8 +8,8 @@ at that rate is the least wall time the round could take.
 (a) the embedded llama.cpp server (SmolLM2-135M, 4 slots), 64 prompts (--quick: 8, completions of at most
     160 tokens);
 (b) the fake OpenAI server in its own process, with the latency of a batching GPU engine (tests/support/
-    engine_latency.py) and answers shaped like a capable model's (tests/support/round_responder.py: most
-    new instructions survive dedup, so every stage has work), 2,000 prompts (--quick: 500), 16 prompts a
+    engine_latency.py) and answers that parse like a good model's (tests/support/model_like.py: most new
+    instructions survive dedup, so every stage has work), 2,000 prompts (--quick: 500), 16 prompts a
     request and 16 requests in flight.
 
 Each mode runs the round in a fresh store with the same seed, against a fresh server (so that no prompt
@@ -89,7 +89,7 @@ def fake_server() -> Iterator[str]:
     spec = f"{ENGINE.base_s},{ENGINE.per_token_s},{ENGINE.saturation}"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.fake_openai", "--batching", spec, "--round-responder"],
+        [sys.executable, "-m", "tests.support.fake_openai", "--batching", spec, "--model-like"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

@@ -19,6 +19,7 @@ from tasks.resources.store.claims import end_run_claims
 from tasks.resources.store.completions import StoreCompletionCache
 from tasks.resources.store.rounds import Store
 from tasks.resources.store.slot import round_slot
+from tasks.resources.task_inputs import as_is
 from tasks.round.pipeline import run_pipelined
 from tasks.round.stages import Generation, run_staged
 from tasks.round.steps import open_round, write_round_task
@@ -77,8 +78,8 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
             concurrency=generation.settings.llm_concurrency,
             per_prompt_tokens=generation.settings.llm_token_ids,
         )
-        manifest = write_round_task(ctx, result, outputs.delta, config, settings)
-        publish_round(store, manifest, outputs.instructions, outputs.instances)
+        manifest = write_round_task(ctx, as_is(result), as_is(outputs.delta), config, settings)
+        publish_round(store, manifest, as_is(outputs.instructions), as_is(outputs.instances))
         # The event goes out before the report, so a plotting error cannot hold back a fine-tune.
         emit_data_ready_if_due(store, params.data_ready_threshold)
         publish_report(store, manifest.round, settings.report_url)

@@ -31,6 +31,7 @@ from schemas import (
 )
 from tasks.resources.llm.batch import CompletionRequest, ProgressCallback
 from tasks.resources.llm.chunks import GenerationSession, generate_chunk
+from tasks.resources.task_inputs import as_is
 from tasks.round.pool import IndexDelta, Pool
 from tasks.round.records import (
     Candidate,
@@ -225,11 +226,14 @@ class _Pipeline:
     def _submit(self, session: GenerationSession, runner: ThreadPoolTaskRunner[Any]) -> None:
         for stage in (self.instances, self.classification, self.instructions):
             while stage.in_flight < self.limit and (count := self._next_chunk(stage)):
+                batch = self._batch_size(stage, count)
                 items = stage.take(count)
                 parameters = {
-                    "requests": [request for _, request in items],
+                    "requests": as_is([request for _, request in items]),
                     "params": stage.sampling,
-                    "settings": self.llm,
+                    "settings": self.llm
+                    if batch == self.batch
+                    else self.llm.model_copy(update={"llm_batch_size": batch}),
                     "base_urls": self.generation.urls,
                     "cache": self.generation.cache,
                     "session": session,
@@ -246,6 +250,19 @@ class _Pipeline:
         if self._upstream_busy(stage):
             waiting -= waiting % self.batch
         return min(waiting, self.chunk_size)
+
+    def _batch_size(self, stage: _Stage, count: int) -> int:
+        """Prompts per request for a chunk of `count`: the configured batch, except in the round's tail.
+
+        When nothing upstream will add to the stage and its last requests cannot fill the client's slots at
+        full batch size, they go out in smaller requests, one slot each, so the servers work on all of them at
+        once instead of idling while a few full batches finish. Completions are cached by prompt, so how
+        prompts are grouped into requests changes no record.
+        """
+        queued = sum(len(s.queue) for s in (self.instructions, self.classification, self.instances))
+        if self._upstream_busy(stage) or queued >= self.batch * self.llm.llm_concurrency:
+            return self.batch
+        return max(1, -(-count // self.llm.llm_concurrency))
 
     def _upstream_busy(self, stage: _Stage) -> bool:
         if stage is self.instructions:
@@ -271,7 +288,7 @@ class _Pipeline:
         """Parse, filter and deduplicate the next chunk in prompt order; queue its accepted instructions."""
         named = filter_and_dedup_task.with_options(task_run_name=f"dedup-chunk-{len(self.slices):03d}")
         plans = [self.plans[i] for i in prompts]
-        piece = named(plans, records, self.dedup(), self.config, self.ctx.number)
+        piece = named(as_is(plans), as_is(records), self.dedup(), self.config, self.ctx.number)
         self.slices.append(piece)
         self.new.extend(records)
         self.next_prompt = prompts[-1] + 1
@@ -295,7 +312,9 @@ class _Pipeline:
         answers = [self.answers[r.id] for r in accepted]
         classified, unanswered = apply_classification(accepted, answers, number)
         outputs = [self.outputs[r.id] for r in classified]
-        instructions, instances, unusable = collect_instances_task(classified, outputs, self.config, number)
+        instructions, instances, unusable = collect_instances_task(
+            as_is(classified), as_is(outputs), self.config, number
+        )
         report_instances(number, len(instructions), len(instances))
         return StageOutputs(
             prompts=len(self.plans),

@@ -21,6 +21,7 @@ from tasks.publish.progress import ProgressUpdate, generation_hook, report
 from tasks.resources.llm.batch import CompletionRequest, ProgressCallback
 from tasks.resources.llm.cache import CompletionCache
 from tasks.resources.llm.chunks import generate_in_tasks
+from tasks.resources.task_inputs import as_is
 from tasks.round.commit import RoundResult
 from tasks.round.pool import IndexDelta
 from tasks.round.records import (
@@ -142,8 +143,8 @@ def run_staged(
     new = generation.complete(
         instruction_requests(plans, config, number), config.instruction_sampling, INSTRUCTIONS, number
     )
-    candidates, filtered = collect_candidates_task(plans, new, config, number)
-    dedup = dedup_candidates_task(candidates, ctx, config, settings)
+    candidates, filtered = collect_candidates_task(as_is(plans), as_is(new), config, number)
+    dedup = dedup_candidates_task(as_is(candidates), ctx, config, settings)
     report_kept(number, len(dedup.accepted))
     answers = generation.complete(
         classify_requests(dedup.accepted, config, number), config.classify_sampling, CLASSIFICATION, number
@@ -152,7 +153,9 @@ def run_staged(
     outputs = generation.complete(
         instance_requests(classified, config, number), config.instance_sampling, INSTANCES, number
     )
-    instructions, instances, unusable = collect_instances_task(classified, outputs, config, number)
+    instructions, instances, unusable = collect_instances_task(
+        as_is(classified), as_is(outputs), config, number
+    )
     report_instances(number, len(instructions), len(instances))
     return StageOutputs(
         prompts=len(plans),

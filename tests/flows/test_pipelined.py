@@ -27,11 +27,11 @@ MODEL = "fake-model"
 PER_RUN_COLUMNS = ("request_id", "latency_s", "sent_at", "received_at")
 
 
-def _round(store_url: str, llm_url: str, pipelined: bool) -> tuple[int, UUID]:
+def _round(store_url: str, llm_url: str, pipelined: bool, prompts: int = 24) -> tuple[int, UUID]:
     params = RoundParams(
         store_url=store_url,
         llm_urls=[llm_url],
-        config=BootstrapConfig(prompts_per_round=24, model=MODEL, pipelined=pipelined),
+        config=BootstrapConfig(prompts_per_round=prompts, model=MODEL, pipelined=pipelined),
         store_slot=False,
     )
     state = bootstrap_round(params, return_state=True)
@@ -126,3 +126,32 @@ def test_pipelined_round_commits_the_staged_round(
 
     result = CliRunner().invoke(app, ["verify", "--store", pipelined_store.url])
     assert result.exit_code == 0, result.output
+
+
+def _prompts_per_request(store: Store, stage: str) -> list[int]:
+    """How many prompts each HTTP request of `stage` carried, in the order they were sent."""
+    rows = [r for r in store.read_table(1, "requests").to_pylist() if r["stage"] == stage]
+    sent = {r["request_id"]: r["sent_at"] for r in rows}
+    counts = {rid: sum(1 for r in rows if r["request_id"] == rid) for rid in sent}
+    return [counts[rid] for rid in sorted(sent, key=sent.__getitem__)]
+
+
+def test_the_rounds_tail_goes_out_in_smaller_requests(
+    prefect_server: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """When the last requests of a round cannot fill the client's slots at full batch size, the pipelined
+    round splits them so that every slot works; the staged round sends full batches and one remainder."""
+    monkeypatch.setenv("SELFINSTRUCT_LLM_BATCH_SIZE", "8")
+    monkeypatch.setenv("SELFINSTRUCT_LLM_CONCURRENCY", "4")
+    staged, pipelined = Store(str(tmp_path / "staged")), Store(str(tmp_path / "pipelined"))
+    with ModelLikeFake(vllm=VLLMMode(), models=(MODEL,), rng_seed=7) as fake:
+        _round(staged.url, fake.url, pipelined=False, prompts=16)
+        _round(pipelined.url, fake.url, pipelined=True, prompts=16)
+    assert _manifest(staged) == _manifest(pipelined)
+    staged_sizes = _prompts_per_request(staged, "instance")
+    assert sum(1 for n in staged_sizes if n < 8) <= 1, staged_sizes
+    instances = sum(staged_sizes)
+    assert instances > 8, staged_sizes  # more than one full batch: the tail has something to split
+    # The last requests: each at most a quarter (the slots) of what was left, and enough to fill the slots.
+    tail = _prompts_per_request(pipelined, "instance")[-4:]
+    assert sum(1 for n in tail if n < 8) == 4 and max(tail) <= -(-instances // 4), tail

@@ -469,25 +469,21 @@ def main(argv: list[str] | None = None) -> None:
         "--batching", type=BatchingLatency.parse, default=None, help="BASE_S,PER_TOKEN_S,SATURATION"
     )
     parser.add_argument(
-        "--round-responder",
+        "--model-like",
         action="store_true",
-        help="Answer a round's prompts as a capable model would (tests/support/round_responder.py).",
+        help="Answer a round's prompts as a good model would (tests/support/model_like.py).",
     )
     for name in FAULTS:
         parser.add_argument(f"--p-{name.replace('_', '-')}", type=float, default=0.0)
     args = parser.parse_args(argv)
-    responder = None
-    if args.round_responder:
-        from tests.support.round_responder import round_responder
+    server: type[FakeOpenAI] = FakeOpenAI
+    if args.model_like:
+        from tests.support.model_like import ModelLikeFake
 
-        responder = round_responder
+        server = ModelLikeFake
     faults = FaultConfig(**{f"p_{n}": getattr(args, f"p_{n}") for n in FAULTS})
-    fake = FakeOpenAI(
-        latency_s=args.latency,
-        faults=faults,
-        vllm=VLLMMode() if args.vllm else None,
-        batching=args.batching,
-        responder=responder,
+    fake = server(
+        latency_s=args.latency, faults=faults, vllm=VLLMMode() if args.vllm else None, batching=args.batching
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -128,7 +128,9 @@ async def generate(
             # A refused prompt is not cached: a rerun against a server with a longer context may serve it.
             answered = [r for r in fresh if r.rejected is None]
             if cache is not None and answered:
-                cache.put_many(answered)
+                # Off the event loop: a store write (a file, or S3 through s3fs) would hold back every
+                # request waiting to be sent, and the server's slots would idle meanwhile.
+                await asyncio.to_thread(cache.put_many, answered)
             done += sum(multiplicity[r.key] for r in fresh)
             tokens += sum(r.completion_tokens for r in fresh)
             if on_progress is not None:

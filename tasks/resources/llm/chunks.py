@@ -22,6 +22,7 @@ from schemas import CompletionRecord, SamplingParams, Settings
 from tasks.resources.llm.batch import CompletionRequest, ProgressCallback, generate
 from tasks.resources.llm.cache import CompletionCache
 from tasks.resources.llm.client import OpenAICompletionClient
+from tasks.resources.task_inputs import as_is
 
 T = TypeVar("T")
 
@@ -274,7 +275,7 @@ def generate_in_tasks(
             while next_chunk < len(chunks) or pending:
                 while next_chunk < len(chunks) and len(pending) < _CHUNKS_IN_FLIGHT:
                     parameters = {
-                        "requests": chunks[next_chunk],
+                        "requests": as_is(chunks[next_chunk]),
                         "params": params,
                         "settings": settings,
                         "base_urls": base_urls,
