@@ -43,6 +43,12 @@ class DataReady:
 # -- pure: reading what the store holds ------------------------------------------------------------
 
 
+def is_compare_arm(manifest: dict[str, Any]) -> bool:
+    """Whether a fine-tune manifest is an arm of the compare flow (an experiment, not the pipeline's)."""
+    params = manifest.get("params")
+    return isinstance(params, dict) and params.get("purpose") == "compare"
+
+
 def trained_rounds(manifest: dict[str, Any]) -> list[int]:
     """Rounds a fine-tune manifest says it trained on; none for a dry run or a malformed manifest."""
     if manifest.get("dry_run") is True:  # a dry run trained nothing, so it consumed nothing
@@ -65,9 +71,10 @@ class FinetuneHistory:
 def finetune_history(store: Store) -> FinetuneHistory:
     """Read every finished fine-tune manifest of the store once.
 
-    Fine-tunes without a manifest (running or crashed) are ignored, like uncommitted rounds. `last_round` is
-    the maximum over all real fine-tunes, not only the most recent one, so a rerun on old rounds does not
-    re-announce data that an earlier fine-tune already trained on.
+    Fine-tunes without a manifest (running or crashed) are ignored, like uncommitted rounds, and so are the
+    arms of a seeds-only vs seeds + rounds comparison: an experiment neither consumes the data nor answers
+    an announcement. `last_round` is the maximum over all real fine-tunes, not only the most recent one, so a
+    rerun on old rounds does not re-announce data that an earlier fine-tune already trained on.
     """
     last_round, last_id, finished = 0, None, None
     for finetune_id in store.list_names(FINETUNES):
@@ -78,7 +85,7 @@ def finetune_history(store: Store) -> FinetuneHistory:
             manifest = json.loads(store.get_bytes(relative))
         except (StoreError, ValueError, OSError):
             continue  # an id the store refuses or a half-written file: not a finished fine-tune
-        if not isinstance(manifest, dict):
+        if not isinstance(manifest, dict) or is_compare_arm(manifest):
             continue
         created = manifest.get("created_at")
         if isinstance(created, str) and (finished is None or created > finished):

@@ -15,6 +15,7 @@ from tasks.publish.events import (
     data_ready_due,
     decide_data_ready,
     event_id,
+    finetune_history,
     last_finetuned_round,
     new_instances_since_last_finetune,
     read_state,
@@ -70,7 +71,11 @@ def test_new_instances_count_rounds_after_the_last_finetune(store: Store) -> Non
     store.put_bytes("finetunes/ft-d/checkpoint.bin", b"...")
     store.put_bytes("finetunes/ft-e/manifest.json", b"{not json")
     assert new_instances_since_last_finetune(store) == (5, [3])
-    finish_finetune(store, "ft-f", [1, 2, 3])
+    # Nor do the arms of a comparison, which train on the rounds as an experiment.
+    finish_finetune(store, "ft-g", [1, 2, 3], params={"purpose": "compare"}, created_at="2099-01-01T00:00:00")
+    assert new_instances_since_last_finetune(store) == (5, [3])
+    assert finetune_history(store).last_finished_at != "2099-01-01T00:00:00"
+    finish_finetune(store, "ft-f", [1, 2, 3], params={"purpose": "standalone"})
     assert new_instances_since_last_finetune(store) == (0, [])
 
 
