@@ -2,8 +2,9 @@
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from typing import Any
 
 from schemas import (
     BootstrapConfig,
@@ -40,20 +41,30 @@ def round_counts(
 
 
 @dataclass(frozen=True)
-class RoundResult:
-    """Everything a round commits."""
+class RoundRecords:
+    """The records a round's stages produce, in the order the commit writes them."""
 
-    number: int
-    run_id: str
-    model: str
-    seeds_sha256: str
-    pool_size_before: int
     prompts: int
     candidates_parsed: int
     instructions: list[InstructionRecord]
     instances: list[InstanceRecord]
     rejected: list[RejectionRecord]
     completions: list[CompletionRecord]
+
+    def records(self) -> dict[str, Any]:
+        """The fields above by name (shallow: the lists are shared, not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(RoundRecords)}
+
+
+@dataclass(frozen=True)
+class RoundResult(RoundRecords):
+    """Everything a round commits: its records, the round's identity, and how it generated."""
+
+    number: int
+    run_id: str
+    model: str
+    seeds_sha256: str
+    pool_size_before: int
     concurrency: int | None = None
     per_prompt_tokens: bool = False
 

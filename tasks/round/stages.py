@@ -10,9 +10,6 @@ from dataclasses import dataclass
 from schemas import (
     BootstrapConfig,
     CompletionRecord,
-    InstanceRecord,
-    InstructionRecord,
-    RejectionRecord,
     SamplingParams,
     Settings,
 )
@@ -22,7 +19,7 @@ from tasks.resources.llm.batch import CompletionRequest, ProgressCallback
 from tasks.resources.llm.cache import CompletionCache
 from tasks.resources.llm.chunks import generate_in_tasks
 from tasks.resources.task_inputs import as_is
-from tasks.round.commit import RoundResult
+from tasks.round.commit import RoundRecords, RoundResult
 from tasks.round.pool import IndexDelta
 from tasks.round.records import (
     apply_classification,
@@ -85,15 +82,9 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class StageOutputs:
+class StageOutputs(RoundRecords):
     """What a round's stages produced, in the order the commit writes it, and the dedup's index delta."""
 
-    prompts: int
-    candidates_parsed: int
-    instructions: list[InstructionRecord]
-    instances: list[InstanceRecord]
-    rejected: list[RejectionRecord]
-    completions: list[CompletionRecord]
     delta: IndexDelta
 
     def result(self, ctx: RoundContext) -> RoundResult:
@@ -104,12 +95,7 @@ class StageOutputs:
             model=ctx.model,
             seeds_sha256=ctx.seeds_sha256,
             pool_size_before=ctx.pool_size_before,
-            prompts=self.prompts,
-            candidates_parsed=self.candidates_parsed,
-            instructions=self.instructions,
-            instances=self.instances,
-            rejected=self.rejected,
-            completions=self.completions,
+            **self.records(),
         )
 
 
