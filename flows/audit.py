@@ -7,7 +7,7 @@ from schemas.audit import AuditParams
 from tasks.publish.artifacts import name_flow_run
 from tasks.publish.report import publish_report
 from tasks.quality.audit import audit_task, publish_audit_task
-from tasks.resources.store.rounds import Store
+from tasks.resources.store.rounds import open_store
 
 
 @flow(name="audit")
@@ -28,8 +28,7 @@ def audit(params: AuditParams | None = None) -> dict[str, object]:
     name_flow_run(f"audit-round-{manifest.round:05d}")
     location = publish_audit_task(params.store_url, manifest)
     settings = Settings()
-    store = Store(params.store_url or settings.store_url, settings)
-    publish_report(store, manifest.round, settings.report_url)
+    publish_report(open_store(params.store_url, settings), manifest.round, settings.report_url)
     return {
         "audit_id": manifest.audit_id,
         "round": manifest.round,

@@ -31,7 +31,7 @@ from tasks.quality.judge import (
 from tasks.quality.stats import wilson_interval
 from tasks.resources.redact import redact_url
 from tasks.resources.store.files import StoreError
-from tasks.resources.store.rounds import Store
+from tasks.resources.store.rounds import Store, open_store
 
 AUDITS = "audits"
 TABLE_KEY = "selfinstruct-round-audit"
@@ -354,8 +354,7 @@ def publish_audit_task(store_url: str | None, manifest: AuditManifest) -> str:
     """Table artifact of the three rates with 95% intervals; returns the manifest's store location."""
     from prefect.artifacts import create_table_artifact
 
-    settings = Settings()
-    store = Store(store_url or settings.store_url, settings)
+    store = open_store(store_url)
     location = store.location_of(f"{audit_folder(manifest.round)}/{manifest.audit_id}.json")
     create_table_artifact(
         table=rate_rows(manifest),
