@@ -11,6 +11,7 @@ from schemas import RoundParams
 from tasks.publish.artifacts import ProgressArtifact, name_flow_run, publish_round
 from tasks.publish.events import emit_data_ready_if_due
 from tasks.publish.report import publish_report
+from tasks.resources.gc_pause import full_collections_paused
 from tasks.resources.llm.sizing import size_for_servers_task
 from tasks.resources.redact import redact_url
 from tasks.resources.secrets import run_settings
@@ -71,7 +72,8 @@ def bootstrap_round(params: RoundParams | None = None) -> dict[str, object]:
                 artifact=progress,
             )
             run_stages = run_pipelined if config.pipelined else run_staged
-            outputs = run_stages(ctx, config, settings, generation)
+            with full_collections_paused():
+                outputs = run_stages(ctx, config, settings, generation)
 
         result = dataclasses.replace(
             outputs.result(ctx),

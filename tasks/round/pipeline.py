@@ -184,7 +184,12 @@ class _Pipeline:
         # start early, few enough to keep the task runs countable; one more chunk per stage than fills the
         # client, so that a stage never leaves the HTTP slots idle while its next chunk starts.
         self.chunk_size = self.batch * batches_per_chunk
-        self.limit = -(-self.llm.llm_concurrency // batches_per_chunk) + 1
+        # Chunks in flight per stage: twice (one more than) what fills the client, so that the client always
+        # has requests queued while this thread parses, deduplicates and submits; the instruction prompts,
+        # all known up front, keep three times that. Shallower queues ran dry whenever this thread was busy
+        # (busy 83% instead of 90-93% in benchmarks/round.py (b)). Every chunk in flight holds a thread.
+        self.limit = 2 * (-(-self.llm.llm_concurrency // batches_per_chunk) + 1)
+        self.instruction_limit = 3 * self.limit
         stages = [
             (INSTRUCTIONS, config.instruction_sampling),
             (CLASSIFICATION, config.classify_sampling),
@@ -205,7 +210,9 @@ class _Pipeline:
 
     def run(self) -> None:
         """Submit chunks as work becomes available until every stage is done."""
-        runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=3 * self.limit)
+        runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(
+            max_workers=2 * self.limit + self.instruction_limit
+        )
         with GenerationSession(self.llm, self.generation.urls) as session, runner:
             try:
                 while True:
@@ -225,7 +232,8 @@ class _Pipeline:
 
     def _submit(self, session: GenerationSession, runner: ThreadPoolTaskRunner[Any]) -> None:
         for stage in (self.instances, self.classification, self.instructions):
-            while stage.in_flight < self.limit and (count := self._next_chunk(stage)):
+            limit = self.instruction_limit if stage is self.instructions else self.limit
+            while stage.in_flight < limit and (count := self._next_chunk(stage)):
                 batch = self._batch_size(stage, count)
                 items = stage.take(count)
                 parameters = {
@@ -274,8 +282,17 @@ class _Pipeline:
         stage.report()
         if stage is self.instructions:
             self.arrived[items[0]] = (items, records)
+            # Every chunk that is now next in prompt order, in one dedup task run: when this thread falls
+            # behind, fewer and larger task runs let it catch up.
+            prompts: list[int] = []
+            ready: list[CompletionRecord] = []
             while self.next_prompt in self.arrived:
-                self._deduplicate(*self.arrived.pop(self.next_prompt))
+                chunk_prompts, chunk_records = self.arrived.pop(self.next_prompt)
+                prompts += chunk_prompts
+                ready += chunk_records
+                self.next_prompt = chunk_prompts[-1] + 1
+            if prompts:
+                self._deduplicate(prompts, ready)
         elif stage is self.classification:
             self.answers.update((r.id, c) for r, c in zip(items, records, strict=True))
             classified, _ = apply_classification(items, records, self.ctx.number)
@@ -285,13 +302,12 @@ class _Pipeline:
             self.outputs.update((r.id, c) for r, c in zip(items, records, strict=True))
 
     def _deduplicate(self, prompts: list[int], records: list[CompletionRecord]) -> None:
-        """Parse, filter and deduplicate the next chunk in prompt order; queue its accepted instructions."""
+        """Parse, filter and deduplicate the next chunks in prompt order; queue the accepted instructions."""
         named = filter_and_dedup_task.with_options(task_run_name=f"dedup-chunk-{len(self.slices):03d}")
         plans = [self.plans[i] for i in prompts]
         piece = named(as_is(plans), as_is(records), self.dedup(), self.config, self.ctx.number)
         self.slices.append(piece)
         self.new.extend(records)
-        self.next_prompt = prompts[-1] + 1
         requests = classify_requests(piece.accepted, self.config, self.ctx.number)
         self.classification.enqueue(list(zip(piece.accepted, requests, strict=True)))
         report_kept(self.ctx.number, sum(len(s.accepted) for s in self.slices))

@@ -48,8 +48,14 @@ def test_killed_round_is_redone_without_paying_twice(prefect_server: None, tmp_p
     store_url = str(tmp_path / "store")
     with FakeOpenAI(latency_s=1.0) as fake:
         first = _run_cli(store_url, fake.url, api_url)
+        # Kill it once the first batches are persisted (answers take 1 s, so later ones are still out).
+        completions_dir = Path(store_url) / "rounds" / "round=00001" / "completions"
         deadline = time.monotonic() + 240
-        while fake.requests < 5 and time.monotonic() < deadline and first.poll() is None:
+        while (
+            not list(completions_dir.glob("*.parquet"))
+            and time.monotonic() < deadline
+            and first.poll() is None
+        ):
             time.sleep(0.05)
         assert first.poll() is None, first.stdout.read().decode() if first.stdout else ""
         os.kill(first.pid, signal.SIGKILL)
@@ -59,7 +65,7 @@ def test_killed_round_is_redone_without_paying_twice(prefect_server: None, tmp_p
         store = Store(store_url)
         assert store.committed_rounds() == []
         assert store.uncommitted_rounds() == [1]
-        completions_dir = Path(store.round_dir(1)) / "completions"
+        assert Path(store.round_dir(1)) / "completions" == completions_dir
         parts = completions_dir.glob("*.parquet")
         persisted = [row for part in parts for row in pq.read_table(part).to_pylist()]
         # Killed mid-generation, some batches persisted (later stages' too: the stages overlap).

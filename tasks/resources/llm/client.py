@@ -43,6 +43,7 @@ from tasks.resources.llm.protocol import (
     served_models_hint,
     token_counts,
 )
+from tasks.resources.llm.slots import StageSlots
 from tasks.resources.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,9 @@ class OpenAICompletionClient:
             max_retries: Retries after the first attempt on connection errors, timeouts, 408/429/5xx,
                 malformed JSON and missing choices.
             backoff_s: First retry delay; doubles per retry, with jitter, capped at `max_backoff_s`.
-            max_in_flight: Cap on HTTP requests in flight across every caller sharing this client
-                (None: only the callers' own concurrency limits apply).
+            max_in_flight: Cap on HTTP requests in flight across every caller sharing this client, a freed
+                slot going to the latest stage of a round first (see `StageSlots`; None: only the
+                callers' own concurrency limits apply).
             max_backoff_s: Longest wait between two attempts, also the cap on a server's Retry-After.
             token_ids: Ask for the token ids of every prompt and completion (vLLM's `return_token_ids`), so
                 that each record carries exact token counts instead of a share of the request's usage.
@@ -136,7 +138,7 @@ class OpenAICompletionClient:
         self._in_flight = dict.fromkeys(self.base_urls, 0)
         self._public_urls = {u: redact_url(u) for u in self.base_urls}
         self._tie_break = itertools.count()
-        self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
+        self._limit = StageSlots(max_in_flight) if max_in_flight else None
         self._secrets = [s for s in self._url_passwords() if s]
         bearer = {}
         if api_key is not None and api_key.get_secret_value():
@@ -266,8 +268,8 @@ class OpenAICompletionClient:
         return idle[next(self._tie_break) % len(idle)]
 
     @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[str]:
-        async with self._limit if self._limit is not None else contextlib.nullcontext():
+    async def _slot(self, stage: Stage) -> AsyncIterator[str]:
+        async with self._limit.hold(stage) if self._limit is not None else contextlib.nullcontext():
             url = self._pick_url()
             self._in_flight[url] += 1
             try:
@@ -278,7 +280,7 @@ class OpenAICompletionClient:
     async def _attempt(
         self, prompts: list[str], keys: list[str], body: bytes, seed: int | None, stage: Stage
     ) -> list[CompletionRecord]:
-        async with self._slot() as url:
+        async with self._slot(stage) as url:
             request_id = uuid.uuid4().hex
             sent_at = time.time()
             start = time.perf_counter()

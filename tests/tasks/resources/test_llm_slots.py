@@ -1,0 +1,94 @@
+"""tasks.resources.llm.slots: the client's in-flight cap serves later stages first, and loses no slot."""
+
+from __future__ import annotations
+
+import asyncio
+
+from schemas.records import Stage
+from tasks.resources.llm.slots import StageSlots
+
+
+async def _served_order(slots: StageSlots, waiting: list[tuple[Stage, str]]) -> list[str]:
+    """Who gets the one slot, in order: `first` holds it while the others queue up in the given order."""
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def use(stage: Stage, name: str) -> None:
+        async with slots.hold(stage):
+            order.append(name)
+            if name == "first":
+                await release.wait()
+
+    first = asyncio.create_task(use("instruction", "first"))
+    await asyncio.sleep(0)
+    others = []
+    for stage, name in waiting:
+        others.append(asyncio.create_task(use(stage, name)))
+        await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, *others)
+    return order
+
+
+def test_a_freed_slot_goes_to_the_latest_stage_then_first_come() -> None:
+    waiting: list[tuple[Stage, str]] = [
+        ("instruction", "i0"),
+        ("classify", "c0"),
+        ("instruction", "i1"),
+        ("instance", "x0"),
+        ("classify", "c1"),
+    ]
+    order = asyncio.run(_served_order(StageSlots(1), waiting))
+    assert order == ["first", "x0", "c0", "c1", "i0", "i1"]
+
+
+def test_a_cancelled_waiter_loses_no_slot() -> None:
+    async def scenario() -> list[str]:
+        slots = StageSlots(1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def use(stage: Stage, name: str) -> None:
+            async with slots.hold(stage):
+                order.append(name)
+                if name == "first":
+                    await release.wait()
+
+        first = asyncio.create_task(use("instruction", "first"))
+        await asyncio.sleep(0)
+        doomed = asyncio.create_task(use("instance", "doomed"))
+        later = asyncio.create_task(use("instruction", "later"))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        release.set()
+        await asyncio.gather(first, later)
+        # Every slot is back: two more holders get in at once.
+        async with slots.hold("instruction"):
+            order.append("again")
+        return order
+
+    assert asyncio.run(scenario()) == ["first", "later", "again"]
+
+
+def test_a_slot_granted_to_a_waiter_cancelled_before_it_ran_is_passed_on() -> None:
+    async def scenario() -> list[str]:
+        slots = StageSlots(1)
+        order: list[str] = []
+        hold = slots.hold("instruction")
+        await hold.__aenter__()
+        granted = asyncio.create_task(slots.hold("instance").__aenter__())
+        await asyncio.sleep(0)
+        after = asyncio.create_task(_append(slots, order))
+        await asyncio.sleep(0)
+        await hold.__aexit__(None, None, None)  # hands the slot to `granted`, which has not resumed yet
+        granted.cancel()
+        await asyncio.gather(granted, return_exceptions=True)
+        await after
+        return order
+
+    assert asyncio.run(scenario()) == ["after"]
+
+
+async def _append(slots: StageSlots, order: list[str]) -> None:
+    async with slots.hold("instruction"):
+        order.append("after")
