@@ -61,9 +61,13 @@ def _one_prompt_too_long(store_url: str, seeds_path: Path) -> BootstrapConfig:
 
 
 def test_a_prompt_over_the_context_is_rejected_and_the_round_goes_on(
-    prefect_server: None, tmp_path: Path
+    prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Finding 5: vLLM refuses the whole batch; the round sends each prompt alone and loses only that one."""
+    # One request in flight: the six instruction prompts go out as one batch (with more slots than
+    # requests, a round this small sends its prompts one a slot, and there would be no batch to refuse).
+    monkeypatch.setenv("SELFINSTRUCT_LLM_BATCH_SIZE", "8")
+    monkeypatch.setenv("SELFINSTRUCT_LLM_CONCURRENCY", "1")
     store_url = str(tmp_path / "store")
     seeds_path = _seeds_with_one_long_task(tmp_path)
     config = _one_prompt_too_long(store_url, seeds_path)
