@@ -8,17 +8,26 @@ from schemas.records import Stage
 from tasks.resources.llm.slots import StageSlots
 
 
+class _Holders:
+    """Holders of a StageSlots that record the order they get a slot in; "first" keeps its slot until
+    `release` is set."""
+
+    def __init__(self, slots: StageSlots) -> None:
+        self.slots = slots
+        self.order: list[str] = []
+        self.release = asyncio.Event()
+
+    async def use(self, stage: Stage, name: str) -> None:
+        async with self.slots.hold(stage):
+            self.order.append(name)
+            if name == "first":
+                await self.release.wait()
+
+
 async def _served_order(slots: StageSlots, waiting: list[tuple[Stage, str]]) -> list[str]:
     """Who gets the one slot, in order: `first` holds it while the others queue up in the given order."""
-    order: list[str] = []
-    release = asyncio.Event()
-
-    async def use(stage: Stage, name: str) -> None:
-        async with slots.hold(stage):
-            order.append(name)
-            if name == "first":
-                await release.wait()
-
+    holders = _Holders(slots)
+    order, release, use = holders.order, holders.release, holders.use
     first = asyncio.create_task(use("instruction", "first"))
     await asyncio.sleep(0)
     others = []
@@ -45,15 +54,8 @@ def test_a_freed_slot_goes_to_the_latest_stage_then_first_come() -> None:
 def test_a_cancelled_waiter_loses_no_slot() -> None:
     async def scenario() -> list[str]:
         slots = StageSlots(1)
-        order: list[str] = []
-        release = asyncio.Event()
-
-        async def use(stage: Stage, name: str) -> None:
-            async with slots.hold(stage):
-                order.append(name)
-                if name == "first":
-                    await release.wait()
-
+        holders = _Holders(slots)
+        order, release, use = holders.order, holders.release, holders.use
         first = asyncio.create_task(use("instruction", "first"))
         await asyncio.sleep(0)
         doomed = asyncio.create_task(use("instance", "doomed"))
