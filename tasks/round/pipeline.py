@@ -260,12 +260,12 @@ class _Pipeline:
         return min(waiting, self.chunk_size)
 
     def _batch_size(self, stage: _Stage, count: int) -> int:
-        """Prompts per request for a chunk of `count`: the configured batch, except in the round's tail.
+        """Prompts per request for a chunk of `count`: the configured batch, except when work is short.
 
-        When nothing upstream will add to the stage and its last requests cannot fill the client's slots at
-        full batch size, they go out in smaller requests, one slot each, so the servers work on all of them at
-        once instead of idling while a few full batches finish. Completions are cached by prompt, so how
-        prompts are grouped into requests changes no record.
+        When nothing upstream will add to the stage and what is queued cannot fill the client's slots at full
+        batch size (the round's tail, or the whole of a round that small), the requests go out smaller, one
+        slot each, so the servers work on all of them at once instead of idling while a few full batches
+        finish. Completions are cached by prompt, so how prompts are grouped into requests changes no record.
         """
         queued = sum(len(s.queue) for s in (self.instructions, self.classification, self.instances))
         if self._upstream_busy(stage) or queued >= self.batch * self.llm.llm_concurrency:
