@@ -60,6 +60,9 @@ from tasks.round.steps import (
     plan_instruction_prompts_task,
 )
 
+# A large round's instruction prompts go out in about this many chunks (see `_Pipeline.chunk_size`).
+INSTRUCTION_CHUNKS = 8
+
 
 class RoundDedup:
     """A round's pool, deduplicated against one slice of candidates after another, in prompt order.
@@ -181,9 +184,13 @@ class _Pipeline:
         batches_per_chunk = max(1, self.llm.llm_concurrency // 4)
         self.batch = self.llm.llm_batch_size
         # Chunks of a quarter of what the client keeps in flight: small enough that dedup and the later stages
-        # start early, few enough to keep the task runs countable; one more chunk per stage than fills the
-        # client, so that a stage never leaves the HTTP slots idle while its next chunk starts.
-        self.chunk_size = self.batch * batches_per_chunk
+        # start early. A large round's chunks are larger, so that its instruction prompts make about
+        # `INSTRUCTION_CHUNKS` chunks: every chunk is a task run, and each task run cost ~30 ms of CPU between
+        # this process and the Prefect API server; at 2,000 prompts the API server alone took 7 of the 19 s
+        # of generation on two cores, which the client and the LLM server then lacked (busy 84-88% instead
+        # of 90%, benchmarks/round.py (b)).
+        per_round = self.batch * -(-len(plans) // (INSTRUCTION_CHUNKS * self.batch))
+        self.chunk_size = max(self.batch * batches_per_chunk, per_round)
         # Chunks in flight per stage: twice (one more than) what fills the client, so that the client always
         # has requests queued while this thread parses, deduplicates and submits; the instruction prompts,
         # all known up front, keep three times that. Shallower queues ran dry whenever this thread was busy

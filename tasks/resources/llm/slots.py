@@ -1,4 +1,4 @@
-"""The client's cap on HTTP requests in flight, handing a freed slot to the latest stage of a round first."""
+"""The client's cap on HTTP requests in flight, handing a freed slot to the stage that unblocks most work."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator
 
 from schemas.records import Stage
 
-# Waiters of a later stage get a freed slot first: a pipelined round queues all its instruction requests at
-# once, and its classification and instance requests (which the round's end waits for) must not queue behind
-# them. Within a stage slots go first come, first served, as with a plain semaphore.
-_RANK: dict[Stage, int] = {"instance": 0, "classify": 1, "dedup": 2, "instruction": 3}
+# Waiters of a later stage get a freed slot before instruction requests: a pipelined round queues all its
+# instruction requests at once, and its classification and instance requests (which the round's end waits for)
+# must not queue behind them. Classification goes first of all: its requests are short and each one unlocks
+# instance requests, so serving it first keeps work queued for every slot; when it came after the instances,
+# a round's last classifications queued behind instance requests while the slots drained (benchmarks/round.py
+# (b)). Within a stage slots go first come, first served, as with a plain semaphore.
+_RANK: dict[Stage, int] = {"classify": 0, "instance": 1, "dedup": 2, "instruction": 3}
 
 
 class StageSlots:

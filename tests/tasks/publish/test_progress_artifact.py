@@ -1,4 +1,4 @@
-"""The generation progress artifact on a real Prefect server: updates are spaced out, the last one never is."""
+"""The generation progress artifact on a real Prefect server: updates spaced out, a finished one is not."""
 
 import time
 
