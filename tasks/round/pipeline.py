@@ -68,7 +68,7 @@ class RoundDedup:
     """A round's pool, deduplicated against one slice of candidates after another, in prompt order.
 
     Consecutive slices decide exactly as one call on all of them (see `dedup_candidates`). Unlike the other
-    steps' inputs this holds the live pool, so the pipeline's dedup runs in the pipeline's own thread.
+    steps' inputs this holds the live pool, so the pipeline runs one dedup task run at a time.
     """
 
     def __init__(self, pool: Pool, ctx: RoundContext, config: BootstrapConfig, settings: Settings) -> None:
@@ -209,6 +209,10 @@ class _Pipeline:
         self.futures: dict[PrefectFuture[list[CompletionRecord]], tuple[_Stage, list[Any]]] = {}
         self.arrived: dict[int, tuple[list[int], list[CompletionRecord]]] = {}  # by first prompt index
         self.next_prompt = 0
+        # Instruction completions next in prompt order, waiting for the dedup task run in flight (at most one:
+        # each decides against the pool as the ones before left it).
+        self.to_dedup: tuple[list[int], list[CompletionRecord]] = ([], [])
+        self.deduplicating: tuple[PrefectFuture[InstructionSlice], list[CompletionRecord]] | None = None
         self.new: list[CompletionRecord] = []  # instruction completions, in prompt order
         self.slices: list[InstructionSlice] = []
         self.answers: dict[str, CompletionRecord] = {}  # by instruction id
@@ -218,15 +222,23 @@ class _Pipeline:
     def run(self) -> None:
         """Submit chunks as work becomes available until every stage is done."""
         runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(
-            max_workers=2 * self.limit + self.instruction_limit
+            max_workers=2 * self.limit + self.instruction_limit + 1
         )
         with GenerationSession(self.llm, self.generation.urls) as session, runner:
             try:
                 while True:
                     self._submit(session, runner)
-                    if not self.futures:
+                    self._submit_dedup(runner)
+                    waiting: list[PrefectFuture[Any]] = list(self.futures)
+                    if self.deduplicating is not None:
+                        waiting.append(self.deduplicating[0])
+                    if not waiting:
                         return
-                    future = next(as_completed(list(self.futures)))
+                    future = next(as_completed(waiting))
+                    if self.deduplicating is not None and future is self.deduplicating[0]:
+                        self._deduplicated(future.result(), self.deduplicating[1])
+                        self.deduplicating = None
+                        continue
                     stage, items = self.futures.pop(future)
                     stage.in_flight -= 1
                     self._arrive(stage, items, future.result())
@@ -235,6 +247,8 @@ class _Pipeline:
                 session.cancel_all()
                 for pending in self.futures:
                     pending.wait()
+                if self.deduplicating is not None:
+                    self.deduplicating[0].wait()
                 raise
 
     def _submit(self, session: GenerationSession, runner: ThreadPoolTaskRunner[Any]) -> None:
@@ -282,6 +296,8 @@ class _Pipeline:
     def _upstream_busy(self, stage: _Stage) -> bool:
         if stage is self.instructions:
             return False
+        if stage is self.classification and (self.to_dedup[0] or self.deduplicating is not None):
+            return True
         upstream = self.instructions if stage is self.classification else self.classification
         return bool(upstream.queue) or upstream.in_flight > 0 or self._upstream_busy(upstream)
 
@@ -289,17 +305,14 @@ class _Pipeline:
         stage.report()
         if stage is self.instructions:
             self.arrived[items[0]] = (items, records)
-            # Every chunk that is now next in prompt order, in one dedup task run: when this thread falls
-            # behind, fewer and larger task runs let it catch up.
-            prompts: list[int] = []
-            ready: list[CompletionRecord] = []
+            # Every chunk that is now next in prompt order waits for the next dedup task run, which takes all
+            # of them: when dedup falls behind, fewer and larger task runs let it catch up.
+            prompts, ready = self.to_dedup
             while self.next_prompt in self.arrived:
                 chunk_prompts, chunk_records = self.arrived.pop(self.next_prompt)
                 prompts += chunk_prompts
                 ready += chunk_records
                 self.next_prompt = chunk_prompts[-1] + 1
-            if prompts:
-                self._deduplicate(prompts, ready)
         elif stage is self.classification:
             self.answers.update((r.id, c) for r, c in zip(items, records, strict=True))
             classified, _ = apply_classification(items, records, self.ctx.number)
@@ -308,11 +321,29 @@ class _Pipeline:
         else:
             self.outputs.update((r.id, c) for r, c in zip(items, records, strict=True))
 
-    def _deduplicate(self, prompts: list[int], records: list[CompletionRecord]) -> None:
-        """Parse, filter and deduplicate the next chunks in prompt order; queue the accepted instructions."""
+    def _submit_dedup(self, runner: ThreadPoolTaskRunner[Any]) -> None:
+        """Start parse, filter and dedup of the completions next in prompt order, unless one is running.
+
+        It runs in a task-run thread of its own: for the 0.2-0.7 s it takes at 2,000 prompts this thread
+        goes on feeding classification and instance chunks to the client (done here, the client's queue ran
+        dry and busy fell to 37% for that second, benchmarks/round.py (b)).
+        """
+        prompts, records = self.to_dedup
+        if self.deduplicating is not None or not prompts:
+            return
+        self.to_dedup = ([], [])
         named = filter_and_dedup_task.with_options(task_run_name=f"dedup-chunk-{len(self.slices):03d}")
-        plans = [self.plans[i] for i in prompts]
-        piece = named(as_is(plans), as_is(records), self.dedup(), self.config, self.ctx.number)
+        parameters = {
+            "plans": as_is([self.plans[i] for i in prompts]),
+            "completions": as_is(records),
+            "dedup": self.dedup(),
+            "config": self.config,
+            "round_number": self.ctx.number,
+        }
+        self.deduplicating = (runner.submit(named, parameters=parameters), records)
+
+    def _deduplicated(self, piece: InstructionSlice, records: list[CompletionRecord]) -> None:
+        """Keep a dedup task run's slice and queue its accepted instructions for classification."""
         self.slices.append(piece)
         self.new.extend(records)
         requests = classify_requests(piece.accepted, self.config, self.ctx.number)
