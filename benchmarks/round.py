@@ -17,7 +17,7 @@ cache carries over). Pipelined mode is `BootstrapConfig.pipelined` when the conf
 it only the staged round runs. Targets (not asserted): busy >= 90% and wall <= 1.15x the lower bound in (b),
 <= 1.3x in (a).
 
-Usage: python benchmarks/round.py [--quick] [--only a|b]
+Usage: python benchmarks/round.py [--quick] [--only a|b] [--prompts N]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from schemas import BootstrapConfig, CompletionRecord, RoundParams, SamplingParams  # noqa: E402
+from schemas.records import StageLoad  # noqa: E402
 from tasks.resources.llm.batch import CompletionRequest, generate  # noqa: E402
 from tasks.resources.llm.client import OpenAICompletionClient  # noqa: E402
 from tasks.resources.servers.embedded import EmbeddedServer  # noqa: E402
@@ -77,6 +78,7 @@ class Row:
     busy: float
     completion_tokens: int
     requests: int
+    stages: dict[str, StageLoad]
 
     @property
     def tokens_per_s(self) -> float:
@@ -157,6 +159,7 @@ def run_round(part: str, mode: str, config: BootstrapConfig) -> tuple[Row, list[
         load.busy_fraction,
         load.completion_tokens,
         sum(s.requests for s in load.stages.values()),
+        load.stages,
     )
     return row, records
 
@@ -207,6 +210,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="8 short prompts in (a), 500 in (b)")
     parser.add_argument("--only", choices=["a", "b"], help="Run one part only.")
+    parser.add_argument("--prompts", type=int, help="Instruction prompts per round instead of the size's.")
     args = parser.parse_args()
     size = "quick" if args.quick else "full"
     modes = ["staged", "pipelined"] if PIPELINED else ["staged"]
@@ -218,8 +222,23 @@ def main() -> None:
         "completion tokens/s", "max rate tok/s", "lower bound s", "wall / lower bound", "target",
     ):  # fmt: skip
         table.add_column(column, justify="right")
+    stage_table = Table(
+        title="Stages (wall: a stage's first send to its last receive; pipelined stages overlap)"
+    )
+    for column in (
+        "part",
+        "mode",
+        "stage",
+        "requests",
+        "prompts",
+        "wall s",
+        "prompt tokens",
+        "cached",
+        "completion tokens",
+    ):
+        stage_table.add_column(column, justify="right")
     for part in [p for p in ("a", "b") if args.only in (None, p)]:
-        prompts = SIZES[part][size]
+        prompts = args.prompts or SIZES[part][size]
         configs = [round_config(part, mode, prompts, args.quick) for mode in modes]
         runs = [run_round(part, mode, config) for mode, config in zip(modes, configs, strict=True)]
         rate, bound = lower_bound(part, runs[0][1], configs[0])
@@ -238,7 +257,20 @@ def main() -> None:
                 f"{row.round_wall_s / bound:.2f}x",
                 "busy >= 90%, <= 1.15x" if part == "b" else "<= 1.3x",
             )
+            for name, stage in row.stages.items():
+                stage_table.add_row(
+                    f"({part})",
+                    row.mode,
+                    name,
+                    str(stage.requests),
+                    str(stage.prompts),
+                    f"{stage.wall_s:.1f}",
+                    str(stage.prompt_tokens),
+                    "-" if stage.cached_prompt_tokens is None else str(stage.cached_prompt_tokens),
+                    str(stage.completion_tokens),
+                )
     console.print(table)
+    console.print(stage_table)
     console.print(
         f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, "
         f"Python {platform.python_version()}; pipelined mode {'available' if PIPELINED else 'not available'}"
