@@ -6,7 +6,9 @@ classification and instance stages (each after an instruction stage whose prompt
 slots) are sent as the round sends them (the project's client, 8 prompts a request, 4 in flight) to servers
 built by the embedded server's own `server_params`, varying only the reuse settings:
 
-- `lru`: slot_prompt_similarity 0 and no host prompt cache: a prompt lands on the least recently used slot.
+- `none`: no reuse at all (`cache_prompt` off): every prompt is processed whole.
+- `lru`: slot_prompt_similarity 0 and no host prompt cache: a prompt lands on the least recently used slot,
+  which reuses what it holds of the prompt (within a stage, after the first wave, the same prefix).
 - `similarity`: the slot whose cached prompt matches most, no host prompt cache.
 - `embedded`: what `_serve` sets (similarity 0.1 and the host-memory prompt cache).
 - `unified` (only with --variants): `embedded` with one KV buffer shared by the slots (kv_unified).
@@ -51,12 +53,13 @@ from tasks.round.classify import build_classify_prompt  # noqa: E402
 from tasks.round.instances import build_instance_prompt  # noqa: E402
 
 console = Console(width=160)
-# (slot_prompt_similarity, cache_ram_mib, kv_unified); None keeps what `server_params` sets.
+# (cache_prompt, slot_prompt_similarity, cache_ram_mib, kv_unified); None keeps what `server_params` sets.
 VARIANTS = {
-    "lru": (0.0, 0, None),
-    "similarity": (SLOT_PROMPT_SIMILARITY, 0, None),
-    "embedded": (None, None, None),
-    "unified": (None, None, True),
+    "none": (False, 0.0, 0, None),
+    "lru": (None, 0.0, 0, None),
+    "similarity": (None, SLOT_PROMPT_SIMILARITY, 0, None),
+    "embedded": (None, None, None, None),
+    "unified": (None, None, None, True),
 }
 _COUNTER = re.compile(r"^llamacpp:prompt_tokens_total\s+([0-9.eE+-]+)", re.MULTILINE)
 
@@ -124,9 +127,11 @@ async def run_stage(url: str, stage: Stage, round_number: int, n: int, run: Vari
 def run_variant(name: str, gguf: Path, n: int, rounds: int) -> VariantRun:
     import xllamacpp
 
-    similarity, cache_ram, unified = VARIANTS[name]
+    cache_prompt, similarity, cache_ram, unified = VARIANTS[name]
     params = server_params(str(gguf), SMOLLM2, "127.0.0.1", 0, 4, 4096, default_threads())
     params.endpoint_metrics = True
+    if cache_prompt is not None:
+        params.cache_prompt = cache_prompt
     if similarity is not None:
         params.slot_prompt_similarity = similarity
     if cache_ram is not None:
