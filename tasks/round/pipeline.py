@@ -192,7 +192,7 @@ class _Pipeline:
         per_round = self.batch * -(-len(plans) // (INSTRUCTION_CHUNKS * self.batch))
         self.chunk_size = max(self.batch * batches_per_chunk, per_round)
         # Chunks in flight per stage: twice (one more than) what fills the client, so that the client always
-        # has requests queued while this thread parses, deduplicates and submits; the instruction prompts,
+        # has requests queued while this thread handles answers and submits; the instruction prompts,
         # all known up front, keep three times that. Shallower queues ran dry whenever this thread was busy
         # (busy 83% instead of 90-93% in benchmarks/round.py (b)). Every chunk in flight holds a thread.
         self.limit = 2 * (-(-self.llm.llm_concurrency // batches_per_chunk) + 1)
