@@ -116,8 +116,8 @@ class OpenAICompletionClient:
                 malformed JSON and missing choices.
             backoff_s: First retry delay; doubles per retry, with jitter, capped at `max_backoff_s`.
             max_in_flight: Cap on HTTP requests in flight across every caller sharing this client, a freed
-                slot going to classification, then instances, first (see `StageSlots`; None: only the
-                callers' own concurrency limits apply).
+                slot going to classification, then instructions, then instances (see `StageSlots`; None:
+                only the callers' own concurrency limits apply).
             max_backoff_s: Longest wait between two attempts, also the cap on a server's Retry-After.
             token_ids: Ask for the token ids of every prompt and completion (vLLM's `return_token_ids`), so
                 that each record carries exact token counts instead of a share of the request's usage.

@@ -1,4 +1,4 @@
-"""tasks.resources.llm.slots: the in-flight cap serves classification, then instances, first; no slot lost."""
+"""tasks.resources.llm.slots: the in-flight cap serves the work others wait on first; no slot is lost."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ async def _served_order(slots: StageSlots, waiting: list[tuple[Stage, str]]) -> 
     return order
 
 
-def test_a_freed_slot_goes_to_classification_then_instances_then_first_come() -> None:
+def test_a_freed_slot_goes_to_classification_then_instructions_then_instances() -> None:
     waiting: list[tuple[Stage, str]] = [
         ("instruction", "i0"),
         ("classify", "c0"),
@@ -48,7 +48,7 @@ def test_a_freed_slot_goes_to_classification_then_instances_then_first_come() ->
         ("classify", "c1"),
     ]
     order = asyncio.run(_served_order(StageSlots(1), waiting))
-    assert order == ["first", "c0", "c1", "x0", "i0", "i1"]
+    assert order == ["first", "c0", "c1", "i0", "i1", "x0"]
 
 
 def test_a_cancelled_waiter_loses_no_slot() -> None:
